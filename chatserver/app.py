@@ -1,0 +1,77 @@
+"""The application factory: ``create_app(settings)``.
+
+Engines, the writer and the service live in ``cleanup_ctx``: created when the
+app starts, closed (pending appends committed first) when it stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+
+import socketio
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .config import Settings
+from .database import check_migrated, create_engine
+from .service import ChatService
+from .sockets import SocketHandlers, SocketIOPublisher
+from .store import EventStore
+from .web import setup_routes
+from .writer import EventWriter
+
+SETTINGS = web.AppKey("settings", Settings)
+SIO = web.AppKey("sio", socketio.AsyncServer)
+STORE = web.AppKey("store", EventStore)
+SERVICE = web.AppKey("service", ChatService)
+WRITER_ENGINE = web.AppKey("writer_engine", AsyncEngine)
+
+
+def create_sio(settings: Settings) -> socketio.AsyncServer:
+    manager = (
+        socketio.AsyncRedisManager(settings.redis_url) if settings.redis_url else None
+    )
+    return socketio.AsyncServer(
+        async_mode="aiohttp",
+        client_manager=manager,
+        max_http_buffer_size=settings.max_packet_bytes,
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
+        logger=False,
+        engineio_logger=False,
+    )
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    settings = settings or Settings.from_env()
+    app = web.Application()
+    app[SETTINGS] = settings
+    sio = create_sio(settings)
+    app[SIO] = sio
+    sio.attach(app)
+    setup_routes(app, settings)
+    app.cleanup_ctx.append(_chat_ctx)
+    return app
+
+
+async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    sio = app[SIO]
+    read_engine = create_engine(settings.database_url)
+    writer_engine = create_engine(settings.database_url, writer=True)
+    try:
+        await check_migrated(read_engine)
+        store = EventStore(read_engine)
+        writer_factory = partial(EventWriter, store, writer_engine, max_batch=settings.max_batch)
+        service = ChatService(settings, store, writer_factory, SocketIOPublisher(sio))
+        await service.start(writer_engine)
+        SocketHandlers(settings, service).register(sio)
+        app[STORE] = store
+        app[SERVICE] = service
+        app[WRITER_ENGINE] = writer_engine
+        yield
+        await service.stop()
+    finally:
+        await writer_engine.dispose()
+        await read_engine.dispose()

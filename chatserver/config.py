@@ -1,0 +1,93 @@
+"""Settings, read once from the environment, with working defaults."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///chat.db"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def database_url_from_env(environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get("CHAT_DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{key} must be an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{key} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str = DEFAULT_DATABASE_URL
+    public_dir: Path = PROJECT_ROOT / "public"
+    node_modules_dir: Path = PROJECT_ROOT / "node_modules"
+    # Which server process wrote a login: at startup a process closes only the
+    # sessions its own earlier run left open (several processes may share a
+    # PostgreSQL log). Set CHAT_NODE_ID per process when running more than one.
+    node_id: str = "local"
+    redis_url: str | None = None
+    # Limits on what one client may send.
+    max_message_chars: int = 2000
+    max_packet_bytes: int = 64 * 1024
+    rate_per_second: float = 200.0
+    rate_burst: int = 400
+    # engine.io heartbeat, seconds.
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
+    # History sent after welcome, and the cap on one page of older history.
+    history_size: int = 50
+    history_page_max: int = 200
+    resume_ttl_seconds: int = 24 * 3600
+    # Largest number of appends committed in one transaction (group commit).
+    max_batch: int = 512
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        redis_url = env.get("CHAT_REDIS_URL") or None
+        return cls(
+            host=env.get("HOST") or defaults.host,
+            port=_int(env, "PORT", defaults.port),
+            database_url=database_url_from_env(env),
+            public_dir=Path(env.get("CHAT_PUBLIC_DIR") or defaults.public_dir),
+            node_modules_dir=Path(
+                env.get("CHAT_NODE_MODULES_DIR") or defaults.node_modules_dir
+            ),
+            node_id=env.get("CHAT_NODE_ID") or defaults.node_id,
+            redis_url=redis_url,
+            max_message_chars=_int(env, "CHAT_MAX_MESSAGE_CHARS", defaults.max_message_chars),
+            max_packet_bytes=_int(env, "CHAT_MAX_PACKET_BYTES", defaults.max_packet_bytes),
+            rate_per_second=_float(env, "CHAT_RATE_PER_SECOND", defaults.rate_per_second),
+            rate_burst=_int(env, "CHAT_RATE_BURST", defaults.rate_burst),
+            ping_interval=_float(env, "CHAT_PING_INTERVAL", defaults.ping_interval),
+            ping_timeout=_float(env, "CHAT_PING_TIMEOUT", defaults.ping_timeout),
+            history_size=_int(env, "CHAT_HISTORY_SIZE", defaults.history_size),
+            history_page_max=_int(env, "CHAT_HISTORY_PAGE_MAX", defaults.history_page_max),
+            resume_ttl_seconds=_int(env, "CHAT_RESUME_TTL", defaults.resume_ttl_seconds),
+            max_batch=_int(env, "CHAT_MAX_BATCH", defaults.max_batch),
+        )

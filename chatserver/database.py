@@ -1,0 +1,79 @@
+"""Engines for the one database URL that picks the backend.
+
+SQLite gets WAL and durable (synchronous=FULL) commits; SQLAlchemy, not the
+sqlite3 driver, emits BEGIN so that transactions mean what they say, and the
+writer's engine begins with BEGIN IMMEDIATE so concurrent writers (another
+process, the rebuild command) queue on SQLite's lock instead of failing late.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+class DatabaseNotMigrated(Exception):
+    """The schema is missing: the operator must run `alembic upgrade head`."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be opened or reached."""
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def is_sqlite(url: str | sa.URL) -> bool:
+    return sa.make_url(url).get_backend_name() == "sqlite"
+
+
+def create_engine(url: str, *, writer: bool = False, **kwargs: Any) -> AsyncEngine:
+    sqlite = is_sqlite(url)
+    options: dict[str, Any] = {
+        "json_serializer": _json_dumps,
+        "json_deserializer": orjson.loads,
+    }
+    if sqlite and writer:
+        # One connection: appends have one writer (see writer.py).
+        options.update(pool_size=1, max_overflow=0)
+    options.update(kwargs)
+    engine = create_async_engine(url, **options)
+    if sqlite:
+        _configure_sqlite(engine, begin="BEGIN IMMEDIATE" if writer else "BEGIN")
+    return engine
+
+
+def _configure_sqlite(engine: AsyncEngine, *, begin: str) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)
+
+
+async def check_migrated(engine: AsyncEngine) -> None:
+    """Raise DatabaseNotMigrated unless the schema alembic creates is there."""
+    try:
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+    except (OSError, sa.exc.DBAPIError) as exc:
+        raise DatabaseUnavailable(f"cannot open the database: {exc}") from exc
+    missing = {"alembic_version", "events", "online_users", "projection_positions"} - names
+    if missing:
+        raise DatabaseNotMigrated(
+            "the database has no chat schema (missing: "
+            + ", ".join(sorted(missing))
+            + "); run `alembic upgrade head` first"
+        )

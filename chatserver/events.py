@@ -1,0 +1,103 @@
+"""Domain events: immutable facts, named in the past tense.
+
+Every event belongs to the stream of the user it is about (``user-<name>``),
+so a user's login, join, chats and leave are versioned together and the
+``(stream, version)`` uniqueness constraint is the concurrency control: a
+second process or socket cannot claim a name that changed under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, Union
+
+LOBBY = "lobby"
+
+
+@dataclass(frozen=True, slots=True)
+class UserLoggedIn:
+    type: ClassVar[str] = "UserLoggedIn"
+    name: str
+    session: str
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserJoined:
+    type: ClassVar[str] = "UserJoined"
+    name: str
+    room: str = LOBBY
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePosted:
+    type: ClassVar[str] = "MessagePosted"
+    sender: str
+    message: str
+    room: str = LOBBY
+
+
+@dataclass(frozen=True, slots=True)
+class UserLeft:
+    type: ClassVar[str] = "UserLeft"
+    name: str
+    reason: str
+    room: str = LOBBY
+
+
+DomainEvent = Union[UserLoggedIn, UserJoined, MessagePosted, UserLeft]
+
+EVENT_TYPES: dict[str, type[DomainEvent]] = {
+    cls.type: cls for cls in (UserLoggedIn, UserJoined, MessagePosted, UserLeft)
+}
+
+# Short names the CLI and documentation use for the event types.
+TYPE_ALIASES: dict[str, str] = {
+    "login": UserLoggedIn.type,
+    "join": UserJoined.type,
+    "chat": MessagePosted.type,
+    "leave": UserLeft.type,
+}
+
+# Reasons recorded on UserLeft.
+LEFT_DISCONNECTED = "disconnected"
+LEFT_SERVER_RESTART = "server restart"
+LEFT_TAKEN_OVER = "taken over"
+
+
+def user_stream(name: str) -> str:
+    return f"user-{name}"
+
+
+def to_payload(event: DomainEvent) -> dict[str, Any]:
+    return dataclasses.asdict(event)
+
+
+def from_payload(type_: str, payload: dict[str, Any]) -> DomainEvent:
+    return EVENT_TYPES[type_](**payload)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event about to be appended at an expected stream version."""
+
+    stream: str
+    version: int
+    event: DomainEvent
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as the log holds it: what every emit is built from."""
+
+    position: int
+    stream: str
+    version: int
+    event: DomainEvent
+    recorded_at: datetime
+
+    @property
+    def type(self) -> str:
+        return self.event.type

@@ -1,0 +1,116 @@
+"""Socket.IO handlers: translate packets into commands and domain errors into
+the protocol's answers.
+
+Every refusal is both an event to the socket (``loginNameBad``,
+``loginNameExists`` as in the seed, ``protocolError`` for everything else)
+and, when the client asked for one, an acknowledgement ``{ok: false, error,
+message}``. Successful commands acknowledge ``{ok: true, position, ...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import socketio
+
+from . import protocol
+from .config import Settings
+from .domain import BadPayload, DomainError, NameBad, NameTaken, RateLimited
+from .ratelimit import TokenBucket
+from .service import ChatService
+
+log = logging.getLogger(__name__)
+
+
+class SocketIOPublisher:
+    """The service's publisher on a python-socketio server."""
+
+    def __init__(self, sio: socketio.AsyncServer) -> None:
+        self.sio = sio
+
+    async def send(self, sid: str, event: str, data: Any = None) -> None:
+        await self.sio.emit(event, data, to=sid)
+
+    async def broadcast(self, event: str, data: Any = None) -> None:
+        await self.sio.emit(event, data, room=protocol.LOBBY_ROOM)
+
+    async def enter_lobby(self, sid: str) -> None:
+        await self.sio.enter_room(sid, protocol.LOBBY_ROOM)
+
+    async def leave_lobby(self, sid: str) -> None:
+        await self.sio.leave_room(sid, protocol.LOBBY_ROOM)
+
+
+class SocketHandlers:
+    def __init__(self, settings: Settings, service: ChatService) -> None:
+        self.settings = settings
+        self.service = service
+        self._buckets: dict[str, TokenBucket] = {}
+        self._last_rate_error: dict[str, float] = {}
+
+    def register(self, sio: socketio.AsyncServer) -> None:
+        sio.on("connect", self.on_connect)
+        sio.on("disconnect", self.on_disconnect)
+        sio.on(protocol.LOGIN, self.on_login)
+        sio.on(protocol.CHAT, self.on_chat)
+        sio.on(protocol.ONLINE_USERS, self.on_online_users)
+
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        self._buckets[sid] = TokenBucket(
+            self.settings.rate_per_second, self.settings.rate_burst, time.monotonic()
+        )
+        self.service.connect(sid)
+
+    async def on_disconnect(self, sid: str, *_reason: Any) -> None:
+        self._buckets.pop(sid, None)
+        self._last_rate_error.pop(sid, None)
+        await self.service.disconnect(sid)
+
+    async def on_login(self, sid: str, *args: Any) -> dict[str, Any]:
+        name = args[0] if args else None
+        try:
+            self._throttle(sid)
+            stored = await self.service.login(sid, name)
+        except NameBad as exc:
+            self.service.reply(sid, protocol.LOGIN_NAME_BAD, name)
+            return protocol.ack_error(exc)
+        except NameTaken as exc:
+            self.service.reply(sid, protocol.LOGIN_NAME_EXISTS, name)
+            return protocol.ack_error(exc)
+        except DomainError as exc:
+            return self._refuse(sid, protocol.LOGIN, exc)
+        return {"ok": True, **protocol.welcome_payload(stored, stored.event.name)}  # type: ignore[union-attr]
+
+    async def on_chat(self, sid: str, *args: Any) -> dict[str, Any]:
+        try:
+            self._throttle(sid)
+            if len(args) != 1:
+                raise BadPayload("chat takes exactly one argument, the message")
+            stored = await self.service.chat(sid, args[0])
+        except DomainError as exc:
+            return self._refuse(sid, protocol.CHAT, exc)
+        return protocol.ack_stored(stored)
+
+    async def on_online_users(self, sid: str, *_args: Any) -> list[str] | dict[str, Any]:
+        try:
+            self._throttle(sid)
+            return self.service.online_users(sid)
+        except DomainError as exc:
+            return self._refuse(sid, protocol.ONLINE_USERS, exc)
+
+    def _throttle(self, sid: str) -> None:
+        bucket = self._buckets.get(sid)
+        if bucket is not None and not bucket.take(time.monotonic()):
+            raise RateLimited("too many messages; slow down")
+
+    def _refuse(self, sid: str, event: str, exc: DomainError) -> dict[str, Any]:
+        if isinstance(exc, RateLimited):
+            # One notice a second is enough for a flooding client.
+            now = time.monotonic()
+            if now - self._last_rate_error.get(sid, 0.0) < 1.0:
+                return protocol.ack_error(exc)
+            self._last_rate_error[sid] = now
+        self.service.reply(sid, protocol.PROTOCOL_ERROR, protocol.error_payload(event, exc))
+        return protocol.ack_error(exc)

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import InProcessServer, Postgres, migrated_sqlite, postgres_available, settings_for
+
+_db_counter = itertools.count()
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return migrated_sqlite(tmp_path)
+
+
+@pytest.fixture
+async def server(db_url: str) -> AsyncIterator[InProcessServer]:
+    srv = await InProcessServer(settings_for(db_url)).start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    if not postgres_available():
+        pytest.skip("PostgreSQL 15 binaries are not installed")
+    pg = Postgres().start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres) -> str:
+    from tests.support import migrate
+
+    url = postgres.create_database(f"chat_{next(_db_counter)}")
+    migrate(url)
+    return url
