@@ -1,0 +1,294 @@
+/*
+ * The controller: the bridge between the socket client (app bus) and the
+ * views (view bus). It owns the session: who we are, whether a login is
+ * pending, and logging in again under the same name after a reconnect
+ * (by resuming with the server's token when it offers one, else by a plain
+ * `login`).
+ */
+(function (ChatApp, Backbone, _) {
+  'use strict';
+
+  var models = ChatApp.models;
+  var views = ChatApp.views;
+
+  var RESUME_ANSWER_MS = 5000;   // wait this long for welcome/resumeFailed before a plain login
+  var RELOGIN_RETRY_MS = 2000;   // our old connection may still hold the name
+  var RELOGIN_TRIES = 40;        // ~80 s: longer than the server's default ping timeout
+  var HISTORY_PAGE = 50;
+
+  var CHAT_ERRORS = {
+    empty_message: 'Empty messages are not sent.',
+    rate_limited: 'Too many messages: slow down.',
+    not_logged_in: 'Not logged in yet: try again in a moment.',
+    not_stored: 'The server could not store the message: try again.'
+  };
+
+  var MainController = function (options) {
+    var self = this;
+    options = options || {};
+
+    self.appEventBus = _.extend({}, Backbone.Events);  // socket client -> controller
+    self.viewEventBus = _.extend({}, Backbone.Events); // views -> controller
+
+    self.me = null;           // the name we are logged in under (kept across reconnects)
+    self.pendingLogin = null; // a name typed on the login screen, not answered yet
+    self.resumeToken = null;
+    self.homeModel = null;
+    self.timers = {};
+
+    self.init = function () {
+      self.connection = new models.ConnectionModel();
+      self.statusView = new views.StatusView({
+        el: options.statusEl || '#status', model: self.connection, vent: self.viewEventBus
+      }).render();
+
+      self.loginModel = new models.LoginModel();
+      self.containerModel = new models.ContainerModel();
+      self.containerView = new views.ContainerView({ el: options.containerEl || '#container', model: self.containerModel });
+      self.showLogin('');
+
+      self.chatClient = new ChatApp.ChatClient({
+        vent: self.appEventBus,
+        url: options.url,
+        resumeState: function () {
+          if (!self.me || !self.resumeToken || !self.homeModel) {
+            return null;
+          }
+          return { resumeToken: self.resumeToken, lastPosition: self.homeModel.horizon };
+        }
+      });
+      self.chatClient.connect();
+    };
+
+    self.showLogin = function (error) {
+      self.loginModel.set({ error: error, busy: false });
+      self.containerModel.set('viewState', new views.LoginView({ vent: self.viewEventBus, model: self.loginModel }));
+    };
+
+    self.showHome = function () {
+      self.homeModel = new models.HomeModel();
+      self.homeView = new views.HomeView({ vent: self.viewEventBus, model: self.homeModel });
+      self.containerModel.set('viewState', self.homeView);
+    };
+
+    self.later = function (key, ms, fn) {
+      self.cancel(key);
+      self.timers[key] = setTimeout(function () { delete self.timers[key]; fn(); }, ms);
+    };
+
+    self.cancel = function (key) {
+      if (self.timers[key]) {
+        clearTimeout(self.timers[key]);
+        delete self.timers[key];
+      }
+    };
+
+    // Log in again under our name after a reconnect.
+    self.relogin = function () {
+      self.reloginTries = (self.reloginTries || 0) + 1;
+      self.chatClient.login(self.me);
+    };
+
+    // -- view bus ----------------------------------------------------------
+
+    self.viewEventBus.on('login', function (name) {
+      self.loginModel.submitted(name);
+      self.pendingLogin = name;
+      if (self.chatClient.connected()) {
+        self.chatClient.login(name);
+      } // else: sent on `connected`
+    });
+
+    self.viewEventBus.on('chat', function (text) {
+      self.chatClient.chat(text, function (error) {
+        if (!error || !self.homeModel) {
+          return;
+        }
+        var message = CHAT_ERRORS[error.code] || error.message || error.code;
+        self.homeModel.set('chatError', message);
+        if (error.code !== 'timeout') {
+          self.homeModel.trigger('unsent', text); // refused, so certainly not sent: give it back
+        }
+      });
+    });
+
+    self.viewEventBus.on('loadOlder', function () {
+      var home = self.homeModel;
+      var before = home && home.chats.firstPosition();
+      if (!home || before === undefined) {
+        return;
+      }
+      home.set('loadingOlder', true);
+      self.chatClient.olderHistory(before, HISTORY_PAGE, function (error, page) {
+        if (error) {
+          home.set({ loadingOlder: false, chatError: 'Could not load earlier messages: ' + error.message });
+        } else {
+          home.prependOlder(page);
+        }
+      });
+    });
+
+    self.viewEventBus.on('reconnect', function () {
+      self.chatClient.reconnect();
+    });
+
+    // -- app bus: connection -------------------------------------------------
+
+    self.appEventBus.on('connected', function () {
+      if (self.me) {
+        self.connection.set({ state: 'relogin', attempt: 0 });
+        self.reloginTries = 0;
+        if (self.resumeToken) {
+          // The token went with the connection (auth): the server answers
+          // welcome {resumed: true} or resumeFailed. Log in plainly if neither comes.
+          self.later('resume', RESUME_ANSWER_MS, function () {
+            if (self.chatClient.connected()) {
+              self.relogin();
+            }
+          });
+        } else {
+          self.relogin();
+        }
+      } else {
+        self.connection.set({ state: 'connected', attempt: 0 });
+        if (self.pendingLogin !== null) {
+          self.chatClient.login(self.pendingLogin);
+        }
+      }
+    });
+
+    self.appEventBus.on('disconnected', function () {
+      self.cancel('resume');
+      self.cancel('relogin');
+      self.connection.set({ state: 'disconnected', name: '' });
+      if (self.homeModel && self.homeModel.get('online')) {
+        self.homeModel.endSession();
+        self.homeModel.addNotice('Connection lost.');
+      }
+    });
+
+    self.appEventBus.on('reconnecting', function (attempt) {
+      self.connection.set({ state: 'reconnecting', attempt: attempt });
+    });
+
+    self.appEventBus.on('stopped', function () {
+      self.connection.set({ state: 'stopped' });
+    });
+
+    // -- app bus: login ----------------------------------------------------
+
+    self.appEventBus.on('welcome', function (data) {
+      self.cancel('resume');
+      self.cancel('relogin');
+      if (typeof data.resumeToken === 'string' && data.resumeToken) {
+        self.resumeToken = data.resumeToken;
+      }
+      var reconnected = false;
+      if (self.pendingLogin !== null) {
+        self.me = typeof data.name === 'string' ? data.name : self.pendingLogin;
+        self.pendingLogin = null;
+        self.loginModel.set({ busy: false, error: '' });
+        self.showHome();
+      } else if (self.me) {
+        reconnected = true;
+      } else {
+        return; // not asked for
+      }
+      self.homeModel.startSession(_.extend({}, data, { name: self.me }));
+      if (reconnected) {
+        self.homeModel.addNotice(data.resumed ? 'Reconnected.' : 'Reconnected: logged in again as ' + self.me + '.');
+      }
+      self.connection.set({ state: 'connected', name: self.me });
+      self.chatClient.requestOnlineUsers();
+    });
+
+    self.appEventBus.on('loginNameBad', function () {
+      if (self.pendingLogin !== null) {
+        self.pendingLogin = null;
+        self.loginModel.refused('Invalid name');
+      } else if (self.me) {
+        self.loggedOut('Invalid name');
+      }
+    });
+
+    self.appEventBus.on('loginNameExists', function () {
+      if (self.pendingLogin !== null) {
+        self.pendingLogin = null;
+        self.loginModel.refused('Name already exists');
+      } else if (self.me) {
+        // Most likely our own previous connection, not yet timed out on the
+        // server: try again for a while before giving the name up.
+        if (self.reloginTries >= RELOGIN_TRIES) {
+          self.loggedOut('Name already exists');
+        } else {
+          self.later('relogin', RELOGIN_RETRY_MS, function () {
+            if (self.chatClient.connected()) {
+              self.relogin();
+            }
+          });
+        }
+      }
+    });
+
+    self.appEventBus.on('resumeFailed', function () {
+      self.cancel('resume');
+      self.resumeToken = null;
+      if (self.me && self.chatClient.connected()) {
+        self.relogin();
+      }
+    });
+
+    // Back to the login screen with our name filled in (re-login impossible).
+    self.loggedOut = function (error) {
+      var name = self.me;
+      self.me = null;
+      self.resumeToken = null;
+      self.homeModel = null;
+      self.loginModel.set({ name: name });
+      self.connection.set({ state: 'connected', name: '' });
+      self.showLogin(error);
+    };
+
+    // -- app bus: lobby ----------------------------------------------------
+
+    self.appEventBus.on('usersInfo', function (names) {
+      if (self.homeModel) {
+        self.homeModel.setOnlineUsers(names);
+      }
+    });
+
+    self.appEventBus.on('userJoined', function (name, meta) {
+      if (self.homeModel) {
+        self.homeModel.userJoined(name, meta);
+      }
+    });
+
+    self.appEventBus.on('userLeft', function (name, meta) {
+      if (self.homeModel) {
+        self.homeModel.userLeft(name, meta);
+      }
+    });
+
+    self.appEventBus.on('chatReceived', function (chat) {
+      if (self.homeModel) {
+        self.homeModel.addChat(chat);
+      }
+    });
+
+    self.appEventBus.on('history', function (history) {
+      if (self.homeModel) {
+        self.homeModel.mergeHistory(history);
+      }
+    });
+
+    self.appEventBus.on('protocolError', function (error) {
+      // Chat refusals are shown from the chat's acknowledgement; the rest are
+      // races around reconnecting (e.g. a chat sent just before a drop).
+      if (window.console && error.event !== 'chat') {
+        window.console.warn('chat server refused', error.event, error.code, error.message);
+      }
+    });
+  };
+
+  ChatApp.MainController = MainController;
+})(ChatApp, Backbone, _);

@@ -1,0 +1,143 @@
+/*
+ * The Socket.IO client: the only module that knows the wire protocol. It
+ * turns server events into events on the application bus (`vent`) and
+ * offers methods for what the client sends.
+ *
+ * Bus events: connected, disconnected(reason), reconnecting(attempt),
+ * stopped (the server closed the connection; no automatic reconnect),
+ * welcome(data), loginNameBad(name), loginNameExists(name),
+ * usersInfo(names), userJoined(name, meta), userLeft(name, meta),
+ * chatReceived(chat), history(history), resumeFailed(error),
+ * protocolError(error).
+ */
+(function (ChatApp, _, io) {
+  'use strict';
+
+  var ANSWER_TIMEOUT_MS = 10000;
+
+  var ChatClient = function (options) {
+    this.vent = options.vent;
+    this.url = options.url; // undefined: the server that served this page
+    // function () -> {resumeToken, lastPosition} or null; asked on every (re)connect
+    this.resumeState = options.resumeState || function () { return null; };
+    this.socket = null;
+  };
+
+  _.extend(ChatClient.prototype, {
+    connect: function () {
+      var self = this;
+      var options = {
+        // WebSocket first (no long-poll left hanging when a tab closes);
+        // long-polling only if WebSocket cannot connect.
+        transports: ['websocket', 'polling'],
+        tryAllTransports: true,
+        closeOnBeforeunload: true,
+        reconnectionDelay: 500,
+        reconnectionDelayMax: 3000,
+        // A function, so every reconnect sends the latest token and position.
+        auth: function (cb) {
+          var state = self.resumeState();
+          cb(state && state.resumeToken ? state : {});
+        }
+      };
+      this.socket = this.url ? io(this.url, options) : io(options);
+      this.listen(this.socket);
+    },
+
+    // Reconnect after the server closed the connection (no automatic retry then).
+    reconnect: function () {
+      if (this.socket && !this.socket.connected) {
+        this.socket.connect();
+      }
+    },
+
+    connected: function () {
+      return !!(this.socket && this.socket.connected);
+    },
+
+    login: function (name) {
+      this.socket.emit('login', name);
+    },
+
+    // cb(error) once the server stored the chat or refused it.
+    chat: function (text, cb) {
+      this.socket.timeout(ANSWER_TIMEOUT_MS).emit('chat', text, function (err, ack) {
+        if (err) {
+          cb({ code: 'timeout', message: 'No answer from the server; the message may not have been sent.' });
+        } else if (ack && ack.ok === false) {
+          cb({ code: ack.error, message: ack.message });
+        } else {
+          cb(null, ack);
+        }
+      });
+    },
+
+    requestOnlineUsers: function () {
+      this.socket.emit('onlineUsers');
+    },
+
+    // cb(error, {items, reachedStart}): lines older than `before`.
+    olderHistory: function (before, limit, cb) {
+      this.socket.timeout(ANSWER_TIMEOUT_MS).emit('history', { before: before, limit: limit }, function (err, page) {
+        if (err) {
+          cb({ code: 'timeout', message: 'No answer from the server.' });
+        } else if (!page || page.ok === false || !_.isArray(page.items)) {
+          cb({ code: (page && page.error) || 'bad_answer', message: (page && page.message) || 'History is not available.' });
+        } else {
+          cb(null, page);
+        }
+      });
+    },
+
+    listen: function (socket) {
+      var vent = this.vent;
+      var manager = socket.io;
+
+      socket.on('connect', function () { vent.trigger('connected'); });
+      socket.on('disconnect', function (reason) {
+        vent.trigger('disconnected', reason);
+        if (reason === 'io server disconnect') {
+          vent.trigger('stopped', reason); // Socket.IO does not reconnect by itself here
+        }
+      });
+      manager.on('reconnect_attempt', function (attempt) { vent.trigger('reconnecting', attempt); });
+
+      socket.on('welcome', function (data) {
+        vent.trigger('welcome', _.isObject(data) ? data : {});
+      });
+      socket.on('loginNameBad', function (name) { vent.trigger('loginNameBad', name); });
+      socket.on('loginNameExists', function (name) { vent.trigger('loginNameExists', name); });
+      socket.on('onlineUsers', function (names) {
+        if (_.isArray(names)) {
+          vent.trigger('usersInfo', _.map(names, String));
+        }
+      });
+      // The seed sends a bare name; a later server may add {position, time}
+      // as a second argument.
+      socket.on('userJoined', function (name, meta) {
+        vent.trigger('userJoined', String(name), _.isObject(meta) ? meta : null);
+      });
+      socket.on('userLeft', function (name, meta) {
+        vent.trigger('userLeft', String(name), _.isObject(meta) ? meta : null);
+      });
+      socket.on('chat', function (chat) {
+        if (_.isObject(chat)) {
+          vent.trigger('chatReceived', chat);
+        }
+      });
+      socket.on('history', function (history) {
+        if (_.isObject(history)) {
+          vent.trigger('history', history);
+        }
+      });
+      socket.on('resumeFailed', function (error) {
+        vent.trigger('resumeFailed', _.isObject(error) ? error : {});
+      });
+      socket.on('protocolError', function (error) {
+        vent.trigger('protocolError', _.isObject(error) ? error : {});
+      });
+    }
+  });
+
+  ChatApp.ChatClient = ChatClient;
+})(ChatApp, _, io);

@@ -1,0 +1,26 @@
+/* The connection indicator in the navigation bar. */
+(function (ChatApp, Backbone) {
+  'use strict';
+
+  ChatApp.views.StatusView = Backbone.View.extend({
+    template: ChatApp.template('status-template'),
+
+    events: {
+      'click [data-action="reconnect"]': 'reconnect'
+    },
+
+    initialize: function (options) {
+      this.vent = options.vent;
+      this.listenTo(this.model, 'change', this.render);
+    },
+
+    render: function () {
+      this.$el.html(this.template(this.model.view()));
+      return this;
+    },
+
+    reconnect: function () {
+      this.vent.trigger('reconnect');
+    }
+  });
+})(ChatApp, Backbone);
