@@ -52,7 +52,17 @@ def create_app(settings: Settings | None = None) -> web.Application:
     sio.attach(app)
     setup_routes(app, settings)
     app.cleanup_ctx.append(_chat_ctx)
+    app.on_shutdown.append(_close_connections)
     return app
+
+
+async def _close_connections(app: web.Application) -> None:
+    # Open WebSockets would hold aiohttp's shutdown: record the leaves, then
+    # close every engine.io connection.
+    await app[SERVICE].close_sessions()
+    eio = app[SIO].eio
+    if eio.sockets:  # engine.io's disconnect-all fails on an empty server
+        await eio.disconnect()
 
 
 async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -64,6 +64,7 @@ TYPE_ALIASES: dict[str, str] = {
 # Reasons recorded on UserLeft.
 LEFT_DISCONNECTED = "disconnected"
 LEFT_SERVER_RESTART = "server restart"
+LEFT_SERVER_SHUTDOWN = "server shutdown"
 LEFT_TAKEN_OVER = "taken over"
 
 

@@ -23,6 +23,7 @@ from .config import Settings
 from .events import (
     LEFT_DISCONNECTED,
     LEFT_SERVER_RESTART,
+    LEFT_SERVER_SHUTDOWN,
     MessagePosted,
     StoredEvent,
     UserJoined,
@@ -111,6 +112,13 @@ class ChatService:
         if ghosts:
             log.info("closed %d session(s) left open by the previous run", len(ghosts))
         self._dispatcher = asyncio.create_task(self._dispatch(), name="outbox-dispatcher")
+
+    async def close_sessions(self, reason: str = LEFT_SERVER_SHUTDOWN) -> None:
+        """Record the leave of every logged-in socket (graceful shutdown)."""
+        sessions = [c.session for c in self._connections.values() if c.session and c.session.active]
+        for session in sessions:
+            session.gone = True
+        await asyncio.gather(*(self._leave(s, reason) for s in sessions))
 
     async def stop(self) -> None:
         await self.writer.close()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,6 +29,8 @@ async def server(db_url: str) -> AsyncIterator[InProcessServer]:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     if not postgres_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have PostgreSQL 15 (set PG_BIN to its bin folder)")
         pytest.skip("PostgreSQL 15 binaries are not installed")
     pg = Postgres().start()
     try:

@@ -121,24 +121,26 @@ class ServerProcess:
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(tempfile.mkdtemp(prefix="chat-server-")) / "server.log"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatserver"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        # A file, not a pipe: nobody drains a pipe and a full one blocks the server.
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "chatserver"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {out}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
                 return self
             time.sleep(0.05)
@@ -161,9 +163,7 @@ class ServerProcess:
         return self.proc.returncode
 
     def output(self) -> str:
-        if self.proc and self.proc.stdout and self.proc.poll() is not None:
-            return self.proc.stdout.read().decode()
-        return ""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 class Client:
