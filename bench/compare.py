@@ -1,0 +1,566 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: our durable chat server against the tutorial's Node
+server (the reference peer in ``<repo>/../shared/bench``).
+
+What it does, every step bounded in time and on 127.0.0.1 only:
+
+1. copies the shared bench folder (the peer and the load generator) to a
+   scratch folder and runs ``npm ci`` there (the shared folder is read-only);
+2. for every repetition and every scenario, starts our server (``chatserver``
+   on a fresh migrated SQLite file, default durable settings) and the Node
+   peer in turn, each pinned to one core with ``taskset``, and runs the same
+   load generator command against each, pinned to the other core;
+3. prints the medians of every figure and the median of the per-repetition
+   ratios ours/peer (a ratio is taken between two runs made back to back, so
+   the noise of a shared machine cancels out as far as it can), and can write
+   everything as JSON.
+
+Scenarios (the load generator's own, plus ``idle`` from ``bench/idle.js``):
+
+- ``fanout``: 200 logged-in clients, 10 senders, 64-byte chats, closed loop
+  (one chat outstanding per sender): deliveries/s and server CPU per delivery;
+- ``fixed``: the same clients, 30 chats/s in all (10 senders x 3/s) for 10 s:
+  end-to-end latency p50/p99;
+- ``login``: 200 clients connect and log in at once, 5 rounds: logins/s;
+- ``churn``: 50 observers, 20 workers cycling connect/login/onlineUsers/
+  disconnect, 1,000 cycles: cycles/s;
+- ``idle``: 1,000 logged-in idle clients: resident memory growth per client.
+
+Every process this script starts is stopped before it returns (servers by
+SIGINT/SIGTERM, then SIGKILL after a grace period).
+
+    .venv/bin/python bench/compare.py                 # 3 repetitions, all scenarios
+    .venv/bin/python bench/compare.py --repeat 5 --json bench-results.json
+    .venv/bin/python bench/compare.py --scenarios fanout,fixed --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+
+
+# -- scenarios and the figures taken from them ---------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    better: str  # "higher" or "lower"
+    target: float | None = None  # ratio ours/peer to meet (>= for higher, <= for lower)
+    digits: int = 1
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    args: Callable[[argparse.Namespace], list[str]]
+    extract: Callable[[dict[str, Any]], dict[str, float]]
+    check: Callable[[dict[str, Any]], list[str]]
+    metrics: tuple[Metric, ...]
+    script: str = "loadgen.js"
+    max_s: float = 120.0
+
+
+def _cpu_us_per(result: dict[str, Any], count: float) -> float:
+    cpu = (result.get("cpu") or {}).get("server_cpu_s")
+    if cpu is None or not count:
+        return float("nan")
+    return 1e6 * float(cpu) / count
+
+
+def _fanout_extract(r: dict[str, Any]) -> dict[str, float]:
+    lat = r.get("latency_ms") or {}
+    return {
+        "deliveries_per_s": r.get("deliveries_per_s", float("nan")),
+        "server_us_per_delivery": _cpu_us_per(r, r.get("delivered", 0)),
+        "fanout_p50_ms": lat.get("p50", float("nan")),
+        "fanout_p99_ms": lat.get("p99", float("nan")),
+        "fanout_loadgen_cpu_pct": (r.get("cpu") or {}).get("loadgen_cpu_pct", float("nan")),
+        "fanout_server_cpu_pct": (r.get("cpu") or {}).get("server_cpu_pct", float("nan")),
+    }
+
+
+def _fixed_extract(r: dict[str, Any]) -> dict[str, float]:
+    lat = r.get("latency_ms") or {}
+    return {
+        "fixed_p50_ms": lat.get("p50", float("nan")),
+        "fixed_p99_ms": lat.get("p99", float("nan")),
+        "fixed_server_us_per_delivery": _cpu_us_per(r, r.get("delivered", 0)),
+    }
+
+
+def _fanout_check(r: dict[str, Any]) -> list[str]:
+    problems = []
+    if r.get("error"):
+        problems.append(f"error: {r['error']}")
+    if not r.get("complete"):
+        problems.append(f"incomplete: {r.get('delivered')} of {r.get('expected')} delivered")
+    if r.get("bad_payloads"):
+        problems.append(f"{r['bad_payloads']} bad payloads")
+    if r.get("errors"):
+        problems.append(f"{r['errors']} errors: {r.get('first_errors')}")
+    return problems
+
+
+def _login_extract(r: dict[str, Any]) -> dict[str, float]:
+    lat = r.get("login_latency_ms") or {}
+    return {
+        "logins_per_s": r.get("logins_per_s_median_of_rounds", float("nan")),
+        "login_p99_ms": lat.get("p99", float("nan")),
+        "server_ms_per_login": r.get("server_cpu_ms_per_login", float("nan")),
+    }
+
+
+def _login_check(r: dict[str, Any]) -> list[str]:
+    problems = []
+    if r.get("error"):
+        problems.append(f"error: {r['error']}")
+    n = (r.get("params") or {}).get("N")
+    for i, rnd in enumerate(r.get("rounds") or []):
+        if rnd.get("logins_ok") != n:
+            problems.append(f"round {i}: {rnd.get('logins_ok')} of {n} logins")
+    if r.get("errors"):
+        problems.append(f"{r['errors']} errors: {r.get('first_errors')}")
+    return problems
+
+
+def _churn_extract(r: dict[str, Any]) -> dict[str, float]:
+    lat = r.get("cycle_latency_ms") or {}
+    return {
+        "churn_cycles_per_s": r.get("cycles_per_s", float("nan")),
+        "churn_cycle_p99_ms": lat.get("p99", float("nan")),
+    }
+
+
+def _churn_check(r: dict[str, Any]) -> list[str]:
+    problems = []
+    if r.get("error"):
+        problems.append(f"error: {r['error']}")
+    if r.get("failed"):
+        problems.append(f"{r['failed']} failed cycles")
+    expected = r.get("observer_expected_each")  # cycles x observers
+    if expected is not None:
+        for key in ("observer_userJoined", "observer_userLeft"):
+            if r.get(key) != expected:
+                problems.append(f"{key} {r.get(key)} != {expected}")
+    if r.get("errors"):
+        problems.append(f"{r['errors']} errors: {r.get('first_errors')}")
+    return problems
+
+
+def _idle_extract(r: dict[str, Any]) -> dict[str, float]:
+    return {
+        "rss_kb_per_client": r.get("rss_kb_per_client", float("nan")),
+        "rss_mb_with_clients": r.get("rss_after_kb", float("nan")) / 1024,
+    }
+
+
+def _idle_check(r: dict[str, Any]) -> list[str]:
+    problems = []
+    if r.get("error"):
+        problems.append(f"error: {r['error']}")
+    n = (r.get("params") or {}).get("N")
+    if r.get("logged_in") != n:
+        problems.append(f"{r.get('logged_in')} of {n} logged in")
+    return problems
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "fanout",
+            lambda a: [
+                "--scenario", "fanout", "--n", str(a.clients), "--m", "10", "--k", str(a.fanout_k),
+                "--rate", "0", "--window", "1", "--warm", "10", "--size", "64", "--timeout-s", "90",
+            ],
+            _fanout_extract,
+            _fanout_check,
+            (
+                Metric("deliveries_per_s", "fan-out deliveries/s (closed loop)", "higher", 1.5, 0),
+                Metric("server_us_per_delivery", "server CPU per delivery, us", "lower", 0.5, 2),
+                Metric("fanout_p50_ms", "fan-out latency p50, ms", "lower", None, 1),
+                Metric("fanout_p99_ms", "fan-out latency p99, ms", "lower", None, 1),
+                Metric("fanout_server_cpu_pct", "fan-out server CPU, % of a core", "lower", None, 0),
+                Metric("fanout_loadgen_cpu_pct", "fan-out load generator CPU, % of a core", "lower", None, 0),
+            ),
+            max_s=150,
+        ),
+        Scenario(
+            "fixed",
+            lambda a: [
+                "--scenario", "fanout", "--n", str(a.clients), "--m", "10", "--k", str(a.fixed_k),
+                "--rate", "3", "--warm", "2", "--size", "64", "--timeout-s", "60",
+            ],
+            _fixed_extract,
+            _fanout_check,
+            (
+                Metric("fixed_p50_ms", "latency p50 at 30 chats/s x 200, ms", "lower", None, 2),
+                Metric("fixed_p99_ms", "latency p99 at 30 chats/s x 200, ms", "lower", 1.0, 2),
+                Metric("fixed_server_us_per_delivery", "server CPU per delivery at 30 chats/s, us", "lower", None, 1),
+            ),
+            max_s=120,
+        ),
+        Scenario(
+            "login",
+            lambda a: ["--scenario", "login", "--n", str(a.clients), "--rounds", str(a.login_rounds)],
+            _login_extract,
+            _login_check,
+            (
+                Metric("logins_per_s", "logins/s (200 at once)", "higher", 1.0, 0),
+                Metric("login_p99_ms", "login latency p99, ms", "lower", None, 0),
+                Metric("server_ms_per_login", "server CPU per login, ms", "lower", None, 3),
+            ),
+            max_s=150,
+        ),
+        Scenario(
+            "churn",
+            lambda a: [
+                "--scenario", "churn", "--b", "50", "--c", "20", "--l", str(a.churn_cycles),
+                "--duration-s", "60",
+            ],
+            _churn_extract,
+            _churn_check,
+            (
+                Metric("churn_cycles_per_s", "churn cycles/s", "higher", 1.0, 0),
+                Metric("churn_cycle_p99_ms", "churn cycle latency p99, ms", "lower", None, 0),
+            ),
+            max_s=150,
+        ),
+        Scenario(
+            "idle",
+            lambda a: ["--n", str(a.idle_clients), "--conc", "50", "--warm", "20"],
+            _idle_extract,
+            _idle_check,
+            (
+                Metric("rss_kb_per_client", "RSS per idle logged-in client, kB", "lower", 2.0, 1),
+                Metric("rss_mb_with_clients", "RSS with the idle clients, MB", "lower", None, 1),
+            ),
+            script="idle.js",
+            max_s=300,
+        ),
+    )
+}
+
+
+# -- processes -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {port} within {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int, grace: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(10)
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    scratch: Path
+    template_db: Path | None = None
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    run_no: int = 0
+
+    # setup ---------------------------------------------------------------
+    def prepare(self) -> None:
+        shared = Path(self.args.shared).resolve()
+        for rel in ("peer-node/server.js", "loadgen/loadgen.js", "loadgen/rawclient.js"):
+            if not (shared / rel).is_file():
+                raise SystemExit(f"{shared / rel} not found: pass --shared or set CHAT_BENCH_SHARED")
+        target = self.scratch / "bench"
+        if not (target / "loadgen" / "node_modules").is_dir():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(shared, target)
+            for path in [target, *target.rglob("*")]:
+                path.chmod(path.stat().st_mode | 0o200)  # the copy of a read-only folder
+            for sub in ("peer-node", "loadgen"):
+                log(f"npm ci in {target / sub}")
+                subprocess.run(
+                    ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                    cwd=target / sub, check=True, timeout=300,
+                )
+        shutil.copyfile(HERE / "idle.js", target / "loadgen" / "idle.js")
+        if "ours" in self.args.servers:
+            self.template_db = self.scratch / "template.db"
+            if not self.template_db.exists():
+                log("migrating a template SQLite database")
+                subprocess.run(
+                    [str(self.venv_bin("alembic")), "-c", str(REPO / "alembic.ini"), "upgrade", "head"],
+                    cwd=REPO,
+                    env={**os.environ, "CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{self.template_db}"},
+                    check=True, timeout=120, capture_output=True,
+                )
+
+    def venv_bin(self, name: str) -> Path:
+        return Path(self.args.venv) / "bin" / name
+
+    # servers -------------------------------------------------------------
+    @contextlib.contextmanager
+    def server(self, kind: str) -> Iterator[tuple[int, int, Path]]:
+        self.run_no += 1
+        port = free_port()
+        logfile = self.scratch / f"server-{self.run_no:03d}-{kind}.log"
+        pin = ["taskset", "-c", self.args.server_cpu]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        env.update(HOST="127.0.0.1", PORT=str(port))
+        if kind == "ours":
+            assert self.template_db is not None
+            db = self.scratch / f"chat-{self.run_no:03d}.db"
+            shutil.copyfile(self.template_db, db)
+            env["CHAT_DATABASE_URL"] = f"sqlite+aiosqlite:///{db}"
+            for item in self.args.server_env:
+                key, _, value = item.partition("=")
+                env[key] = value
+            cmd = [*pin, str(self.venv_bin("chatserver"))]
+            cwd, stop_sig = REPO, signal.SIGINT
+        else:
+            db = None
+            cmd = [*pin, "node", str(self.scratch / "bench" / "peer-node" / "server.js")]
+            cwd, stop_sig = self.scratch / "bench" / "peer-node", signal.SIGTERM
+        with open(logfile, "wb") as out:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.started.append(proc)
+        try:
+            wait_listening(port, proc, 30)
+            yield port, proc.pid, logfile
+        finally:
+            stop_process(proc, stop_sig)
+            self.started.remove(proc)
+            if db is not None and not self.args.keep:
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{db}{suffix}")
+
+    def stop_all(self) -> None:
+        for proc in list(self.started):
+            stop_process(proc, signal.SIGTERM, grace=5)
+
+    # one measurement -----------------------------------------------------
+    def run(self, scenario: Scenario, kind: str) -> dict[str, Any]:
+        with self.server(kind) as (port, pid, logfile):
+            script = self.scratch / "bench" / "loadgen" / scenario.script
+            cmd = [
+                "taskset", "-c", self.args.loadgen_cpu, "node", str(script),
+                "--url", f"http://127.0.0.1:{port}", "--server-pid", str(pid),
+                "--max-s", str(int(scenario.max_s)), *scenario.args(self.args),
+            ]
+            if scenario.script == "loadgen.js":
+                cmd += ["--label", kind]
+                if self.args.client != "raw":
+                    cmd += ["--client", self.args.client]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=scenario.max_s + 30)
+                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+                result = json.loads(lines[-1]) if lines else {"error": f"no output: {done.stderr[-500:]}"}
+            except subprocess.TimeoutExpired:
+                result = {"error": "load generator timed out"}
+            server_log = logfile.read_text(errors="replace")
+        problems = scenario.check(result)
+        if kind == "ours":
+            errors = [ln for ln in server_log.splitlines() if " ERROR " in ln or ln.startswith("Traceback")]
+            if errors:
+                problems.append(f"{len(errors)} error lines in the server log, first: {errors[0][:200]}")
+        return {"raw": result, "figures": scenario.extract(result), "problems": problems}
+
+
+# -- statistics and output ------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def median(values: list[float]) -> float:
+    good = [v for v in values if isinstance(v, (int, float)) and v == v]
+    return statistics.median(good) if good else float("nan")
+
+
+def fmt(value: float, digits: int) -> str:
+    if value != value:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def summarize(results: dict[str, dict[str, list[dict[str, Any]]]], servers: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name, per_kind in results.items():
+        scenario = SCENARIOS[name]
+        for metric in scenario.metrics:
+            row: dict[str, Any] = {"scenario": name, "metric": metric.key, "label": metric.label,
+                                   "better": metric.better, "target": metric.target}
+            for kind in servers:
+                values = [run["figures"].get(metric.key, float("nan")) for run in per_kind.get(kind, [])]
+                row[kind] = median(values)
+                row[f"{kind}_runs"] = values
+            if "ours" in servers and "peer" in servers:
+                ratios = [
+                    o["figures"][metric.key] / p["figures"][metric.key]
+                    for o, p in zip(per_kind["ours"], per_kind["peer"], strict=False)
+                    if p["figures"].get(metric.key) not in (0, None)
+                ]
+                row["ratio"] = median(ratios)
+                row["ratio_runs"] = ratios
+                if metric.target is not None and row["ratio"] == row["ratio"]:
+                    ok = row["ratio"] >= metric.target if metric.better == "higher" else row["ratio"] <= metric.target
+                    row["met"] = ok
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], servers: list[str], repeat: int) -> None:
+    digits = {m.key: m.digits for s in SCENARIOS.values() for m in s.metrics}
+    head = ["figure", *servers]
+    if "ratio" in (rows[0] if rows else {}):
+        head += ["ours/peer", "target", "met"]
+    lines = [head]
+    for row in rows:
+        d = digits[row["metric"]]
+        line = [row["label"], *(fmt(row[k], d) for k in servers)]
+        if "ratio" in row:
+            target = ""
+            if row["target"] is not None:
+                target = (">= " if row["better"] == "higher" else "<= ") + f"{row['target']:g}"
+            met = "" if "met" not in row else ("yes" if row["met"] else "NO")
+            line += [fmt(row["ratio"], 2), target, met]
+        lines.append(line)
+    print(f"\nMedians of {repeat} run(s); ratio = median of the per-run ratios ours/peer\n")
+    print("| " + " | ".join(lines[0]) + " |")
+    print("|" + "|".join("---" for _ in lines[0]) + "|")
+    for line in lines[1:]:
+        print("| " + " | ".join(line) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", default=os.environ.get("CHAT_BENCH_SHARED", str(REPO.parent / "shared" / "bench")),
+                        help="the shared bench folder (default <repo>/../shared/bench, env CHAT_BENCH_SHARED)")
+    parser.add_argument("--venv", default=str(REPO / ".venv"), help="our virtualenv (default <repo>/.venv)")
+    parser.add_argument("--scratch", help="scratch folder to reuse (default: a new temporary folder, removed at the end)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder and databases")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--scenarios", default="fanout,fixed,login,churn,idle")
+    parser.add_argument("--servers", default="ours,peer", help="ours,peer (default), or one of them")
+    parser.add_argument("--server-cpu", default="0")
+    parser.add_argument("--loadgen-cpu", default="1")
+    parser.add_argument("--client", default="raw", choices=["raw", "sio"], help="load generator client")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for our server (repeatable)")
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--fanout-k", type=int, default=100, help="chats per sender, closed loop")
+    parser.add_argument("--fixed-k", type=int, default=30, help="chats per sender at 3/s")
+    parser.add_argument("--login-rounds", type=int, default=5)
+    parser.add_argument("--churn-cycles", type=int, default=1000)
+    parser.add_argument("--idle-clients", type=int, default=1000)
+    parser.add_argument("--json", help="write every run and the summary to this file")
+    args = parser.parse_args(argv)
+
+    args.servers = [s for s in args.servers.split(",") if s]
+    if not set(args.servers) <= {"ours", "peer"}:
+        parser.error("--servers takes ours and/or peer")
+    names = [s for s in args.scenarios.split(",") if s]
+    unknown = set(names) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    for tool in ("taskset", "node", "npm"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is required")
+
+    own_scratch = args.scratch is None
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="chatbench-")).resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, scratch)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {n: {k: [] for k in args.servers} for n in names}
+    started_at = dt.datetime.now(dt.UTC)
+    interrupted = False
+    try:
+        bench.prepare()
+        for rep in range(args.repeat):
+            # Alternate who goes first so a drift in the machine's load does
+            # not always favour the same server.
+            order = args.servers if rep % 2 == 0 else list(reversed(args.servers))
+            for name in names:
+                for kind in order:
+                    log(f"run {rep + 1}/{args.repeat}: {name} against {kind}")
+                    run = bench.run(SCENARIOS[name], kind)
+                    results[name][kind].append(run)
+                    shown = ", ".join(f"{k}={fmt(v, 2)}" for k, v in run["figures"].items())
+                    log(f"  {shown}")
+                    for problem in run["problems"]:
+                        log(f"  PROBLEM: {problem}")
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: summarising what was measured")
+    finally:
+        bench.stop_all()
+
+    rows = summarize(results, args.servers)
+    print_table(rows, args.servers, args.repeat)
+    problems = [(n, k, i, p) for n, per in results.items() for k, runs in per.items()
+                for i, run in enumerate(runs) for p in run["problems"]]
+    if problems:
+        print("\nProblems seen:")
+        for n, k, i, p in problems:
+            print(f"- {n} / {k} / run {i + 1}: {p}")
+    if args.json:
+        doc = {
+            "started_at": started_at.isoformat(),
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+            "host": {"cpus": os.cpu_count(), "node": subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()},
+            "params": {k: v for k, v in vars(args).items()},
+            "summary": rows,
+            "runs": results,
+            "problems": [{"scenario": n, "server": k, "run": i + 1, "problem": p} for n, k, i, p in problems],
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+        log(f"wrote {args.json}")
+    if own_scratch and not args.keep:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 130 if interrupted else (1 if problems else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
