@@ -32,6 +32,7 @@ SIGINT/SIGTERM, then SIGKILL after a grace period).
     .venv/bin/python bench/compare.py                 # 3 repetitions, all scenarios
     .venv/bin/python bench/compare.py --repeat 5 --json bench-results.json
     .venv/bin/python bench/compare.py --scenarios fanout,fixed --repeat 1
+    .venv/bin/python bench/compare.py --ref <commit>   # our server as of a commit
 """
 
 from __future__ import annotations
@@ -301,6 +302,7 @@ class Bench:
     args: argparse.Namespace
     scratch: Path
     template_db: Path | None = None
+    code_root: Path = REPO  # the checkout whose server is measured
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     run_no: int = 0
 
@@ -324,19 +326,42 @@ class Bench:
                     cwd=target / sub, check=True, timeout=300,
                 )
         shutil.copyfile(HERE / "idle.js", target / "loadgen" / "idle.js")
+        if self.args.ref:
+            # Measure the server as committed at --ref (e.g. a baseline), not
+            # the working tree: export that commit into the scratch folder.
+            self.code_root = self.scratch / "src"
+            if self.code_root.exists():
+                shutil.rmtree(self.code_root)
+            self.code_root.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", self.args.ref],
+                                     check=True, capture_output=True, timeout=60).stdout
+            subprocess.run(["tar", "-x", "-C", str(self.code_root)], input=archive, check=True, timeout=60)
+            log(f"measuring our server as of {self.args.ref}")
         if "ours" in self.args.servers:
+            # Migrated afresh by every invocation: the schema follows the code.
             self.template_db = self.scratch / "template.db"
-            if not self.template_db.exists():
-                log("migrating a template SQLite database")
-                subprocess.run(
-                    [str(self.venv_bin("alembic")), "-c", str(REPO / "alembic.ini"), "upgrade", "head"],
-                    cwd=REPO,
-                    env={**os.environ, "CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{self.template_db}"},
-                    check=True, timeout=120, capture_output=True,
-                )
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.template_db}{suffix}")
+            log("migrating a template SQLite database")
+            subprocess.run(
+                [str(self.venv_bin("python")), "-m", "alembic", "-c", str(self.code_root / "alembic.ini"),
+                 "upgrade", "head"],
+                cwd=self.code_root,
+                env={**self.server_env(), "CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{self.template_db}"},
+                check=True, timeout=120, capture_output=True,
+            )
 
     def venv_bin(self, name: str) -> Path:
         return Path(self.args.venv) / "bin" / name
+
+    def server_env(self) -> dict[str, str]:
+        # No CHAT_* setting leaks in from the caller's shell: default settings.
+        # PYTHONPATH makes `python -m chatserver` run this checkout's code even
+        # with a virtualenv that has another checkout installed (a worktree).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        env["PYTHONPATH"] = str(self.code_root)
+        return env
 
     # servers -------------------------------------------------------------
     @contextlib.contextmanager
@@ -345,7 +370,7 @@ class Bench:
         port = free_port()
         logfile = self.scratch / f"server-{self.run_no:03d}-{kind}.log"
         pin = ["taskset", "-c", self.args.server_cpu]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        env = self.server_env()
         env.update(HOST="127.0.0.1", PORT=str(port))
         if kind == "ours":
             assert self.template_db is not None
@@ -355,8 +380,8 @@ class Bench:
             for item in self.args.server_env:
                 key, _, value = item.partition("=")
                 env[key] = value
-            cmd = [*pin, str(self.venv_bin("chatserver"))]
-            cwd, stop_sig = REPO, signal.SIGINT
+            cmd = [*pin, str(self.venv_bin("python")), "-m", "chatserver"]
+            cwd, stop_sig = self.code_root, signal.SIGINT
         else:
             db = None
             cmd = [*pin, "node", str(self.scratch / "bench" / "peer-node" / "server.js")]
@@ -479,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", default=os.environ.get("CHAT_BENCH_SHARED", str(REPO.parent / "shared" / "bench")),
                         help="the shared bench folder (default <repo>/../shared/bench, env CHAT_BENCH_SHARED)")
     parser.add_argument("--venv", default=str(REPO / ".venv"), help="our virtualenv (default <repo>/.venv)")
+    parser.add_argument("--ref", help="measure our server as committed at this git ref (default: the working tree)")
     parser.add_argument("--scratch", help="scratch folder to reuse (default: a new temporary folder, removed at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and databases")
     parser.add_argument("--repeat", type=int, default=3)
