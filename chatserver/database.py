@@ -70,7 +70,7 @@ async def check_migrated(engine: AsyncEngine) -> None:
             names = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
     except (OSError, sa.exc.DBAPIError) as exc:
         raise DatabaseUnavailable(f"cannot open the database: {exc}") from exc
-    missing = {"alembic_version", "events", "online_users", "projection_positions"} - names
+    missing = {"alembic_version", "events", "online_users", "projection_positions", "resume_tokens"} - names
     if missing:
         raise DatabaseNotMigrated(
             "the database has no chat schema (missing: "

@@ -10,6 +10,7 @@ import unicodedata
 
 from .events import (
     LEFT_DISCONNECTED,
+    LEFT_TAKEN_OVER,
     MessagePosted,
     NewEvent,
     UserJoined,
@@ -67,6 +68,14 @@ class NotStored(DomainError):
     code = "not_stored"
 
 
+class ResumeRefused(DomainError):
+    """A resume token that is unknown, superseded, expired or malformed."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def _has_control_chars(text: str, allowed: str = "") -> bool:
     return any(unicodedata.category(ch) == "Cc" and ch not in allowed for ch in text)
 
@@ -98,14 +107,63 @@ def check_message(value: object, *, max_chars: int) -> str:
     return value
 
 
-def decide_login(name: str, head: StreamHead, *, session: str, node: str) -> list[NewEvent]:
+def decide_login(
+    name: str, head: StreamHead, *, session: str, node: str, resume_hash: str = ""
+) -> list[NewEvent]:
     if head.online:
         raise NameTaken(f"{name} is already online")
     stream = user_stream(name)
     return [
-        NewEvent(stream, head.version + 1, UserLoggedIn(name=name, session=session, node=node)),
+        NewEvent(
+            stream,
+            head.version + 1,
+            UserLoggedIn(name=name, session=session, node=node, resume_hash=resume_hash),
+        ),
         NewEvent(stream, head.version + 2, UserJoined(name=name)),
     ]
+
+
+def decide_resume(
+    name: str, head: StreamHead, *, session: str, node: str, resume_hash: str
+) -> list[NewEvent]:
+    """Come back under ``name``; a session the log still shows online (a
+    half-open socket, or one a dead process left) is closed first."""
+    stream = user_stream(name)
+    events: list[NewEvent] = []
+    version = head.version
+    if head.online:
+        version += 1
+        events.append(NewEvent(stream, version, UserLeft(name=name, reason=LEFT_TAKEN_OVER)))
+    events.append(
+        NewEvent(
+            stream,
+            version + 1,
+            UserLoggedIn(name=name, session=session, node=node, resume_hash=resume_hash, resumed=True),
+        )
+    )
+    events.append(NewEvent(stream, version + 2, UserJoined(name=name)))
+    return events
+
+
+def check_position(value: object, head: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= head:
+        raise BadPayload(f"a position must be an integer from 0 to {head}")
+    return value
+
+
+def check_page(value: object, *, cap: int) -> tuple[int | None, int]:
+    """``{before, limit}`` of a history page request."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise BadPayload("history takes an object {before, limit}")
+    before = value.get("before")
+    limit = value.get("limit", cap)
+    if before is not None and (isinstance(before, bool) or not isinstance(before, int) or before < 1):
+        raise BadPayload("before must be a positive integer position")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise BadPayload("limit must be a positive integer")
+    return before, min(limit, cap)
 
 
 def decide_chat(sender: str, version: int, message: str) -> NewEvent:

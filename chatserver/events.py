@@ -22,6 +22,10 @@ class UserLoggedIn:
     name: str
     session: str
     node: str
+    # SHA-256 of the resume token issued with this login (never the token).
+    resume_hash: str = ""
+    # True when a client came back with its resume token instead of a login.
+    resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +69,11 @@ TYPE_ALIASES: dict[str, str] = {
 LEFT_DISCONNECTED = "disconnected"
 LEFT_SERVER_RESTART = "server restart"
 LEFT_SERVER_SHUTDOWN = "server shutdown"
-LEFT_TAKEN_OVER = "taken over"
+LEFT_TAKEN_OVER = "taken over"  # the same user resumed on another socket
+
+
+# What a client in the lobby is entitled to see: history and replays carry these.
+VISIBLE_TYPES: tuple[str, ...] = (UserJoined.type, MessagePosted.type, UserLeft.type)
 
 
 def user_stream(name: str) -> str:

@@ -1,20 +1,23 @@
 """Read models folded from the event log.
 
-``OnlineUsers`` is pure: ``apply`` one stored event at a time. Its persisted
-copy (tables ``online_users`` and ``projection_positions``) is written in the
-same transaction as the events it reflects, so after any crash the table and
-the log agree; ``rebuild`` folds the whole log again from position 0.
+``OnlineUsers`` and ``RecentHistory`` are pure: ``apply`` one stored event at
+a time. The persisted ones (tables ``online_users`` and ``resume_tokens``,
+with their position in ``projection_positions``) are written in the same
+transaction as the events they reflect, so after any crash the tables and the
+log agree; ``rebuild`` folds the whole log again from position 0.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .events import StoredEvent, UserJoined, UserLeft, UserLoggedIn
+from .events import VISIBLE_TYPES, StoredEvent, UserJoined, UserLeft, UserLoggedIn
 from .store import EventStore, metadata
 
 online_users_table = sa.Table(
@@ -32,6 +35,18 @@ projection_positions_table = sa.Table(
     metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("position", sa.BigInteger, nullable=False),
+)
+
+# The latest login of each name: only its resume token may come back.
+resume_tokens_table = sa.Table(
+    "resume_tokens",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("session", sa.String(64), nullable=False),
+    sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("token_hash", name="uq_resume_tokens_token_hash"),
 )
 
 ONLINE_USERS = "online_users"
@@ -94,6 +109,33 @@ class OnlineUsers:
         return len(self._users)
 
 
+class RecentHistory:
+    """The last ``size`` events a lobby client may see, oldest first."""
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[StoredEvent] = deque(maxlen=max(size, 1))
+
+    def apply(self, stored: StoredEvent) -> None:
+        if stored.type in VISIBLE_TYPES:
+            self._items.append(stored)
+
+    def apply_all(self, events: Iterable[StoredEvent]) -> None:
+        for stored in events:
+            self.apply(stored)
+
+    def last(self, n: int, before: int | None = None) -> list[StoredEvent]:
+        items = [e for e in self._items if before is None or e.position < before]
+        return items[-n:] if n > 0 else []
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeGrant:
+    name: str
+    session: str
+    issued_at: datetime
+    position: int
+
+
 # -- persistence -------------------------------------------------------------
 
 
@@ -104,6 +146,7 @@ async def save(conn: AsyncConnection, stored: list[StoredEvent]) -> None:
         event = s.event
         if isinstance(event, UserLoggedIn):
             pending[event.name] = event
+            await _grant(conn, s)
         elif isinstance(event, UserJoined):
             # A login and its join are always appended together.
             login = pending.pop(event.name, None)
@@ -120,6 +163,35 @@ async def save(conn: AsyncConnection, stored: list[StoredEvent]) -> None:
             await conn.execute(online_users_table.delete().where(online_users_table.c.name == event.name))
     if stored:
         await _set_position(conn, ONLINE_USERS, stored[-1].position)
+
+
+async def _grant(conn: AsyncConnection, stored: StoredEvent) -> None:
+    event = stored.event
+    assert isinstance(event, UserLoggedIn)
+    await conn.execute(resume_tokens_table.delete().where(resume_tokens_table.c.name == event.name))
+    if event.resume_hash:
+        await conn.execute(
+            resume_tokens_table.insert().values(
+                name=event.name,
+                token_hash=event.resume_hash,
+                session=event.session,
+                issued_at=stored.recorded_at,
+                position=stored.position,
+            )
+        )
+
+
+async def find_grant(engine: AsyncEngine, token_hash: str) -> ResumeGrant | None:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.select(resume_tokens_table).where(resume_tokens_table.c.token_hash == token_hash)
+            )
+        ).first()
+    if row is None:
+        return None
+    issued = row.issued_at if row.issued_at.tzinfo else row.issued_at.replace(tzinfo=UTC)
+    return ResumeGrant(row.name, row.session, issued, row.position)
 
 
 async def _set_position(conn: AsyncConnection, name: str, position: int) -> None:
@@ -167,9 +239,15 @@ async def rebuild(store: EventStore, writer_engine: AsyncEngine) -> OnlineUsers:
     running server wait and the result matches the log at one position.
     """
     view = OnlineUsers()
+    logins: dict[str, StoredEvent] = {}
     async with writer_engine.begin() as conn:
         async for stored in store.read_locked(conn):
             view.apply(stored)
+            if isinstance(stored.event, UserLoggedIn):
+                logins[stored.event.name] = stored
+        await conn.execute(resume_tokens_table.delete())
+        for login in logins.values():
+            await _grant(conn, login)
         await conn.execute(online_users_table.delete())
         for u in view.users():
             await conn.execute(

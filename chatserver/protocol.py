@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .domain import DomainError
-from .events import MessagePosted, StoredEvent, UserLeft
+from .events import MessagePosted, StoredEvent, UserJoined, UserLeft, UserLoggedIn
 
 # client -> server
 LOGIN = "login"
@@ -24,8 +24,14 @@ USER_JOINED = "userJoined"
 USER_LEFT = "userLeft"
 # ONLINE_USERS and CHAT are also sent by the server.
 
+# client -> server (extensions)
+RESUME = "resume"
+# HISTORY is also a client request (a page of older items, answered by ack).
+
 # server -> client (extensions)
 PROTOCOL_ERROR = "protocolError"
+HISTORY = "history"
+RESUME_FAILED = "resumeFailed"
 
 LOBBY_ROOM = "lobby"
 
@@ -45,14 +51,45 @@ def chat_payload(stored: StoredEvent) -> dict[str, Any]:
     }
 
 
-def welcome_payload(stored: StoredEvent, name: str) -> dict[str, Any]:
-    return {"name": name, "position": stored.position}
-
-
-def left_payload(stored: StoredEvent) -> str:
+def welcome_payload(stored: StoredEvent, token: str | None = None) -> dict[str, Any]:
     event = stored.event
-    assert isinstance(event, UserLeft)
-    return event.name
+    assert isinstance(event, UserLoggedIn)
+    payload: dict[str, Any] = {
+        "name": event.name,
+        "position": stored.position,
+        "resumed": event.resumed,
+    }
+    if token is not None:
+        payload["resumeToken"] = token
+    return payload
+
+
+def history_item(stored: StoredEvent) -> dict[str, Any]:
+    event = stored.event
+    item: dict[str, Any] = {"position": stored.position, "time": iso_time(stored)}
+    if isinstance(event, MessagePosted):
+        item.update(kind="chat", sender=event.sender, message=event.message)
+    elif isinstance(event, UserJoined):
+        item.update(kind="join", name=event.name)
+    elif isinstance(event, UserLeft):
+        item.update(kind="leave", name=event.name, reason=event.reason)
+    return item
+
+
+def history_payload(items: list[StoredEvent], reached_start: bool) -> dict[str, Any]:
+    return {"items": [history_item(e) for e in items], "reachedStart": reached_start}
+
+
+def live_packet(stored: StoredEvent) -> tuple[str, Any] | None:
+    """The seed event a lobby socket receives for a stored event, if any."""
+    event = stored.event
+    if isinstance(event, MessagePosted):
+        return CHAT, chat_payload(stored)
+    if isinstance(event, UserJoined):
+        return USER_JOINED, event.name
+    if isinstance(event, UserLeft):
+        return USER_LEFT, event.name
+    return None
 
 
 def error_payload(event: str, error: DomainError) -> dict[str, Any]:

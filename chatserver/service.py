@@ -1,21 +1,25 @@
 """The chat service: commands in, events appended, emits out, in log order.
 
-Handlers call ``login``/``chat``/``online_users``/``disconnect``. Each command
-is decided by ``domain`` and appended through the single ``EventWriter``. When
-a batch commits, ``_committed`` marks the sessions it concerns and queues the
-stored events on the outbox; one dispatcher task applies them to the live
-projection and hands them to the publisher, one after the other, so every
-socket receives packets in the order they were produced (a reply queued
-behind a broadcast stays behind it).
+Handlers call ``login``/``resume``/``chat``/``online_users``/``history``/
+``disconnect``. Each command is decided by ``domain`` and appended through
+the single ``EventWriter``. When a batch commits, ``_committed`` marks the
+sessions it concerns and queues the stored events on the outbox; one
+dispatcher task applies them to the live projections and hands them to the
+publisher, one after the other, so every socket receives packets in the order
+they were produced (a reply queued behind a broadcast stays behind it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from . import domain, projections, protocol
@@ -24,22 +28,29 @@ from .events import (
     LEFT_DISCONNECTED,
     LEFT_SERVER_RESTART,
     LEFT_SERVER_SHUTDOWN,
-    MessagePosted,
+    LEFT_TAKEN_OVER,
+    VISIBLE_TYPES,
     StoredEvent,
-    UserJoined,
     UserLeft,
     UserLoggedIn,
     user_stream,
 )
-from .projections import OnlineUsers
+from .projections import OnlineUsers, RecentHistory
 from .store import ConcurrencyError, EventStore
 from .writer import EventWriter
 
 log = logging.getLogger(__name__)
 
+RESUME_ATTEMPTS = 3
+
 
 class Publisher(Protocol):
-    """Where emits go; the socket layer implements it."""
+    """Where emits go; the socket layer implements it.
+
+    ``enter_lobby`` must not suspend before the socket is in the room, and
+    ``broadcast`` must take its recipients before it first suspends: the
+    hand-off from a replay to live delivery relies on both.
+    """
 
     async def send(self, sid: str, event: str, data: Any = None) -> None: ...
 
@@ -49,6 +60,12 @@ class Publisher(Protocol):
 
     async def leave_lobby(self, sid: str) -> None: ...
 
+    async def disconnect(self, sid: str) -> None: ...
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
 
 @dataclass(eq=False)
 class Session:
@@ -57,9 +74,11 @@ class Session:
     sid: str
     name: str
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     version: int = 0  # last version appended (or submitted) to the user's stream
     active: bool = False  # its login is committed and it has not left
     gone: bool = False  # its socket disconnected
+    resume_after: int | None = None  # replay from here instead of sending history
 
 
 @dataclass(eq=False)
@@ -80,19 +99,22 @@ class ChatService:
         self.store = store
         self.publisher = publisher
         self.online = OnlineUsers()
-        self.writer = writer_factory(
-            in_transaction=[projections.save], on_commit=self._committed
-        )
+        self.recent = RecentHistory(settings.history_size)
+        self.writer = writer_factory(in_transaction=[projections.save], on_commit=self._committed)
         self._connections: dict[str, Connection] = {}
         self._claims: dict[str, Session] = {}  # name -> session holding it here
         self._by_session: dict[str, Session] = {}
         self._leaving: dict[str, asyncio.Future[Any]] = {}
         self._outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._dispatcher: asyncio.Task[None] | None = None
+        self._catch_ups: dict[str, asyncio.Task[None]] = {}
+        # The position of the last event the dispatcher has published.
+        self._dispatched = 0
+        self._first_visible_position: int | None = None
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self, writer_engine: Any) -> None:
-        """Load the projection, close the sessions a crash left open, start."""
+        """Load the projections, close the sessions a crash left open, start."""
         view = await projections.load(self.store.engine)
         if view.position < await self.store.head():
             # Written by something that did not maintain it: fold it again.
@@ -102,15 +124,15 @@ class ChatService:
         ghosts = [u for u in view.users() if u.node == self.settings.node_id]
         for ghost in ghosts:
             head = await self.store.stream_head(user_stream(ghost.name))
-            await self.writer.append(
-                [domain.decide_leave(ghost.name, head.version + 1, LEFT_SERVER_RESTART)]
-            )
+            await self.writer.append([domain.decide_leave(ghost.name, head.version + 1, LEFT_SERVER_RESTART)])
         # Nobody is connected yet to be told of those leaves: apply them only.
         while not self._outbox.empty():
             _kind, stored = self._outbox.get_nowait()
             self.online.apply_all(stored)
         if ghosts:
             log.info("closed %d session(s) left open by the previous run", len(ghosts))
+        self.recent.apply_all(await self.store.latest(limit=self.settings.history_size, types=VISIBLE_TYPES))
+        self._dispatched = await self.store.head()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="outbox-dispatcher")
 
     async def close_sessions(self, reason: str = LEFT_SERVER_SHUTDOWN) -> None:
@@ -121,6 +143,8 @@ class ChatService:
         await asyncio.gather(*(self._leave(s, reason) for s in sessions))
 
     async def stop(self) -> None:
+        for task in list(self._catch_ups.values()):
+            task.cancel()
         await self.writer.close()
         await self._outbox.put(("stop", None))
         if self._dispatcher is not None:
@@ -136,37 +160,77 @@ class ChatService:
 
     async def login(self, sid: str, raw_name: object) -> StoredEvent:
         name = domain.check_name(raw_name)
-        conn = self._connection(sid)
-        if conn.session is not None:
-            raise domain.AlreadyLoggedIn("this socket is already logged in")
-        leaving = self._leaving.get(name)
-        if leaving is not None:
-            # The name's previous holder is leaving right now: wait for its
-            # leave to commit rather than refuse a quick reconnect.
-            await asyncio.wait([leaving])
-            if conn.session is not None:
-                raise domain.AlreadyLoggedIn("this socket is already logged in")
+        conn = await self._free_connection(sid, name)
         if name in self._claims:
             raise domain.NameTaken(f"{name} is already online")
-        session = Session(sid=sid, name=name)
-        self._claims[name] = session
-        conn.session = session
+        session = self._claim(conn, name)
         try:
             head = await self.store.stream_head(user_stream(name))
-            new = domain.decide_login(name, head, session=session.id, node=self.settings.node_id)
-            session.version = new[-1].version
-            self._by_session[session.id] = session
-            stored = await self.writer.submit(new)
+            new = domain.decide_login(
+                name, head, session=session.id, node=self.settings.node_id, resume_hash=hash_token(session.token)
+            )
+            stored = await self._submit_login(session, new)
         except ConcurrencyError:
             self._release(session, conn)
             raise domain.NameTaken(f"{name} is already online") from None
         except BaseException:
             self._release(session, conn)
             raise
-        if session.gone:
-            # The socket went away while its login was being stored.
-            await self._leave(session, LEFT_DISCONNECTED)
-        return stored[0]
+        await self._after_login(session)
+        return stored
+
+    async def resume(self, sid: str, token: object, last_position: object) -> StoredEvent:
+        """Come back under the name a resume token was issued for.
+
+        The socket then receives every visible event after ``last_position``,
+        in order, and continues live. A session of the same name still
+        considered online (a half-open socket) is taken over.
+        """
+        if not isinstance(token, str) or not 10 <= len(token) <= 200:
+            raise domain.ResumeRefused("invalid_token", "the resume token is malformed")
+        grant = await projections.find_grant(self.store.engine, hash_token(token))
+        if grant is None:
+            raise domain.ResumeRefused(
+                "invalid_token", "the resume token is unknown or was superseded by a newer login"
+            )
+        if datetime.now(UTC) > grant.issued_at + timedelta(seconds=self.settings.resume_ttl_seconds):
+            raise domain.ResumeRefused("expired_token", "the resume token has expired")
+        name = grant.name
+        after = domain.check_position(last_position, await self.store.head())
+        conn = await self._free_connection(sid, name)
+        ghost = self._claims.get(name)
+        if ghost is not None and ghost.sid != sid:
+            if not ghost.active:
+                raise domain.ResumeRefused("name_busy", f"{name} is logging in elsewhere right now")
+            # The same user on an older socket: take the name over.
+            self._retire(ghost)
+        session = self._claim(conn, name)
+        session.resume_after = after
+        try:
+            for attempt in range(RESUME_ATTEMPTS):
+                head = await self.store.stream_head(user_stream(name))
+                current = await projections.find_grant(self.store.engine, hash_token(token))
+                if current is None or current.session != grant.session:
+                    raise domain.ResumeRefused("invalid_token", "the resume token was superseded by a newer login")
+                new = domain.decide_resume(
+                    name, head, session=session.id, node=self.settings.node_id, resume_hash=hash_token(session.token)
+                )
+                try:
+                    stored = await self._submit_login(session, new)
+                    break
+                except ConcurrencyError:
+                    # The old session's last appends landed in between: look again.
+                    if attempt == RESUME_ATTEMPTS - 1:
+                        raise domain.ResumeRefused("name_busy", f"{name} changed while resuming; log in again") from None
+        except BaseException:
+            self._release(session, conn)
+            if ghost is not None and ghost.sid != sid:
+                await self._close_stream(name, LEFT_TAKEN_OVER)
+            raise
+        if ghost is not None and ghost.sid != sid:
+            self._outbox.put_nowait(("disconnect", ghost.sid))
+        await self._after_login(session)
+        return stored
 
     async def chat(self, sid: str, raw_message: object) -> StoredEvent:
         session = self._active_session(sid)
@@ -178,7 +242,7 @@ class ChatService:
         try:
             stored = await future
         except ConcurrencyError:
-            log.error("stream of %s changed under its session; closing it", session.name)
+            log.error("stream of %s changed under its session", session.name)
             raise domain.NotStored("the chat was not stored") from None
         except Exception:
             raise domain.NotStored("the chat was not stored") from None
@@ -190,12 +254,23 @@ class ChatService:
         self._outbox.put_nowait(("reply", (sid, protocol.ONLINE_USERS, self.online.names)))
         return self.online.names()
 
+    async def history(self, sid: str, request: object) -> dict[str, Any]:
+        """A page of older history: ``{before, limit}`` -> ``{items, reachedStart}``."""
+        self._active_session(sid)
+        before, limit = domain.check_page(request, cap=self.settings.history_page_max)
+        items = await self.store.latest(limit=limit + 1, before=before, types=VISIBLE_TYPES)
+        reached_start = len(items) <= limit
+        return protocol.history_payload(items[-limit:], reached_start)
+
     def reply(self, sid: str, event: str, data: Any = None) -> None:
         """Queue an emit to one socket behind everything already queued."""
         self._outbox.put_nowait(("reply", (sid, event, lambda: data)))
 
     async def disconnect(self, sid: str) -> None:
         conn = self._connections.pop(sid, None)
+        task = self._catch_ups.pop(sid, None)
+        if task is not None:
+            task.cancel()
         if conn is None or conn.session is None:
             return
         session = conn.session
@@ -205,6 +280,46 @@ class ChatService:
         # A login still being stored sees ``gone`` and leaves by itself.
 
     # -- internals ---------------------------------------------------------
+    async def _free_connection(self, sid: str, name: str) -> Connection:
+        """The socket's connection, checked to hold no session; waits out a
+        leave of ``name`` that is being stored (a quick reconnect)."""
+        conn = self._connection(sid)
+        if conn.session is not None:
+            raise domain.AlreadyLoggedIn("this socket is already logged in")
+        leaving = self._leaving.get(name)
+        if leaving is not None:
+            await asyncio.wait([leaving])
+            if conn.session is not None:
+                raise domain.AlreadyLoggedIn("this socket is already logged in")
+        return conn
+
+    def _claim(self, conn: Connection, name: str) -> Session:
+        session = Session(sid=conn.sid, name=name)
+        self._claims[name] = session
+        conn.session = session
+        return session
+
+    async def _submit_login(self, session: Session, new: list[Any]) -> StoredEvent:
+        session.version = new[-1].version
+        self._by_session[session.id] = session
+        stored = await self.writer.submit(new)
+        return next(s for s in stored if isinstance(s.event, UserLoggedIn))
+
+    async def _after_login(self, session: Session) -> None:
+        if session.gone:
+            # The socket went away while its login was being stored.
+            await self._leave(session, LEFT_DISCONNECTED)
+
+    def _retire(self, session: Session) -> None:
+        """Stop a session whose user came back elsewhere; the resume's own
+        append records its leave."""
+        session.gone = True
+        session.active = False
+        self._release(session)
+        conn = self._connections.get(session.sid)
+        if conn is not None and conn.session is session:
+            conn.session = None
+
     def _connection(self, sid: str) -> Connection:
         conn = self._connections.get(sid)
         if conn is None:
@@ -223,6 +338,13 @@ class ChatService:
         self._by_session.pop(session.id, None)
         if conn is not None and conn.session is session:
             conn.session = None
+
+    async def _close_stream(self, name: str, reason: str) -> None:
+        """Record a leave for ``name`` if the log still shows it online."""
+        head = await self.store.stream_head(user_stream(name))
+        if head.online and name not in self._claims:
+            with contextlib.suppress(ConcurrencyError):
+                await self.writer.append([domain.decide_leave(name, head.version + 1, reason)])
 
     async def _leave(self, session: Session, reason: str) -> None:
         session.version += 1
@@ -244,12 +366,13 @@ class ChatService:
                 session = self._by_session.get(event.session)
                 if session is not None:
                     session.active = True
-            elif isinstance(event, UserLeft):
+            elif isinstance(event, UserLeft) and event.reason != LEFT_TAKEN_OVER:
                 holder = self._claims.get(event.name)
-                if holder is not None:
+                if holder is not None and holder.active:
                     holder.active = False
         self._outbox.put_nowait(("events", stored))
 
+    # -- the dispatcher: the only place that emits -------------------------
     async def _dispatch(self) -> None:
         while True:
             kind, item = await self._outbox.get()
@@ -258,26 +381,78 @@ class ChatService:
                     return
                 if kind == "events":
                     for stored in item:
+                        # Marked before publishing: a catch-up that sees this
+                        # position replays the event itself and joins after
+                        # the broadcast took its recipients.
+                        self._dispatched = stored.position
                         self.online.apply(stored)
                         await self._publish(stored)
-                else:
+                        self.recent.apply(stored)
+                elif kind == "reply":
                     sid, event, data = item
                     await self.publisher.send(sid, event, data())
+                elif kind == "disconnect":
+                    await self.publisher.disconnect(item)
             except Exception:
                 log.exception("failed to emit %s", kind)
 
     async def _publish(self, stored: StoredEvent) -> None:
         event = stored.event
-        if isinstance(event, MessagePosted):
-            await self.publisher.broadcast(protocol.CHAT, protocol.chat_payload(stored))
-        elif isinstance(event, UserLoggedIn):
+        if isinstance(event, UserLoggedIn):
             session = self._by_session.get(event.session)
-            if session is not None and not session.gone:
+            if session is None or session.gone:
+                return
+            await self.publisher.send(session.sid, protocol.WELCOME, protocol.welcome_payload(stored, session.token))
+            if session.resume_after is None:
+                items = self.recent.last(self.settings.history_size, before=stored.position)
+                reached_start = len(items) < self.settings.history_size
+                if items and not reached_start:
+                    reached_start = items[0].position == await self._first_visible()
+                await self.publisher.send(session.sid, protocol.HISTORY, protocol.history_payload(items, reached_start))
                 await self.publisher.enter_lobby(session.sid)
-                await self.publisher.send(
-                    session.sid, protocol.WELCOME, protocol.welcome_payload(stored, event.name)
+            else:
+                # Replay what was missed from the log, then join live.
+                self._catch_ups[session.sid] = asyncio.create_task(
+                    self._catch_up(session, session.resume_after), name=f"catch-up-{session.sid}"
                 )
-        elif isinstance(event, UserJoined):
-            await self.publisher.broadcast(protocol.USER_JOINED, event.name)
-        elif isinstance(event, UserLeft):
-            await self.publisher.broadcast(protocol.USER_LEFT, event.name)
+            return
+        packet = protocol.live_packet(stored)
+        if packet is not None:
+            await self.publisher.broadcast(*packet)
+
+    async def _first_visible(self) -> int:
+        # The log only grows at its end: once found, the first item stays first.
+        if self._first_visible_position is None:
+            first = await self.store.read_all(limit=1, types=VISIBLE_TYPES)
+            if not first:
+                return 0
+            self._first_visible_position = first[0].position
+        return self._first_visible_position
+
+    async def _catch_up(self, session: Session, after: int) -> None:
+        """Send ``session``'s socket every visible event after ``after`` up to
+        what the dispatcher has published, then put it in the lobby, with no
+        await between finding nothing new and joining: exactly once, in order."""
+        sid = session.sid
+        try:
+            while True:
+                target = self._dispatched
+                if after >= target:
+                    if session.gone:
+                        return
+                    await self.publisher.enter_lobby(sid)
+                    return
+                async for stored in self.store.read(after=after, before=target + 1, types=VISIBLE_TYPES):
+                    packet = protocol.live_packet(stored)
+                    if packet is not None:
+                        await self.publisher.send(sid, *packet)
+                after = target
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("catch-up of %s failed; disconnecting it", session.name)
+            with contextlib.suppress(Exception):
+                await self.publisher.disconnect(sid)
+        finally:
+            if self._catch_ups.get(sid) is asyncio.current_task():
+                del self._catch_ups[sid]

@@ -9,6 +9,7 @@ message}``. Successful commands acknowledge ``{ok: true, position, ...}``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -42,6 +43,9 @@ class SocketIOPublisher:
     async def leave_lobby(self, sid: str) -> None:
         await self.sio.leave_room(sid, protocol.LOBBY_ROOM)
 
+    async def disconnect(self, sid: str) -> None:
+        await self.sio.disconnect(sid)
+
 
 class SocketHandlers:
     def __init__(self, settings: Settings, service: ChatService) -> None:
@@ -49,6 +53,7 @@ class SocketHandlers:
         self.service = service
         self._buckets: dict[str, TokenBucket] = {}
         self._last_rate_error: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def register(self, sio: socketio.AsyncServer) -> None:
         sio.on("connect", self.on_connect)
@@ -56,12 +61,21 @@ class SocketHandlers:
         sio.on(protocol.LOGIN, self.on_login)
         sio.on(protocol.CHAT, self.on_chat)
         sio.on(protocol.ONLINE_USERS, self.on_online_users)
+        sio.on(protocol.RESUME, self.on_resume)
+        sio.on(protocol.HISTORY, self.on_history)
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         self._buckets[sid] = TokenBucket(
             self.settings.rate_per_second, self.settings.rate_burst, time.monotonic()
         )
         self.service.connect(sid)
+        if isinstance(auth, dict) and "resumeToken" in auth:
+            # After the handshake: nothing may reach the socket before it.
+            task = asyncio.create_task(
+                self.on_resume(sid, {"token": auth.get("resumeToken"), "lastPosition": auth.get("lastPosition")})
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def on_disconnect(self, sid: str, *_reason: Any) -> None:
         self._buckets.pop(sid, None)
@@ -81,7 +95,30 @@ class SocketHandlers:
             return protocol.ack_error(exc)
         except DomainError as exc:
             return self._refuse(sid, protocol.LOGIN, exc)
-        return {"ok": True, **protocol.welcome_payload(stored, stored.event.name)}  # type: ignore[union-attr]
+        return {"ok": True, **protocol.welcome_payload(stored)}
+
+    async def on_resume(self, sid: str, *args: Any) -> dict[str, Any]:
+        request = args[0] if len(args) == 1 else None
+        try:
+            self._throttle(sid)
+            if not isinstance(request, dict):
+                raise BadPayload("resume takes an object {token, lastPosition}")
+            stored = await self.service.resume(sid, request.get("token"), request.get("lastPosition"))
+        except DomainError as exc:
+            # Every refusal, ResumeRefused or not, sends the client back to login.
+            self.service.reply(sid, protocol.RESUME_FAILED, {"code": exc.code, "message": exc.message})
+            return protocol.ack_error(exc)
+        return {"ok": True, **protocol.welcome_payload(stored)}
+
+    async def on_history(self, sid: str, *args: Any) -> dict[str, Any]:
+        try:
+            self._throttle(sid)
+            if len(args) > 1:
+                raise BadPayload("history takes one object {before, limit}")
+            page = await self.service.history(sid, args[0] if args else None)
+        except DomainError as exc:
+            return self._refuse(sid, protocol.HISTORY, exc)
+        return {"ok": True, **page}
 
     async def on_chat(self, sid: str, *args: Any) -> dict[str, Any]:
         try:

@@ -179,6 +179,7 @@ class Client:
         "chat",
         "protocolError",
         "history",
+        "resumeFailed",
     )
 
     def __init__(self, url: str) -> None:

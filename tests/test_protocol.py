@@ -20,11 +20,14 @@ async def test_login_welcome_then_joined_then_online_users(server: InProcessServ
         await a.emit("onlineUsers")
         await a.wait_event("onlineUsers")
         names = [e for e, _ in a.received]
-        assert names == ["welcome", "userJoined", "onlineUsers"]
+        # history is an extension a seed client ignores.
+        assert names == ["welcome", "history", "userJoined", "onlineUsers"]
         assert a.events("userJoined") == ["alice"]
         assert a.events("onlineUsers") == [["alice"]]
         welcome = a.events("welcome")[0]
         assert welcome["name"] == "alice" and isinstance(welcome["position"], int)
+        assert welcome["resumed"] is False and len(welcome["resumeToken"]) >= 40
+        assert a.events("history") == [{"items": [], "reachedStart": True}]
     finally:
         await a.disconnect()
 
