@@ -155,7 +155,9 @@
         }
         this.replayEchoes = [];
       }
-      this.addLine({ kind: kind, name: name, time: (meta && meta.time) || null, position: position });
+      // The seed's events carry no time: show when this page learned of it.
+      var time = (meta && meta.time) || new Date().toISOString();
+      this.addLine({ kind: kind, name: name, time: time, position: position });
     },
 
     addLine: function (attrs) {

@@ -72,9 +72,12 @@
       var wasAtBottom = this.atBottom();
       var oldHeight = this.scroller.scrollHeight;
       var oldTop = this.scroller.scrollTop;
-      var index = collection.indexOf(model);
-      var next = collection.at(index + 1);
-      var nextView = next && this.lineViews[next.cid];
+      // The first later line already on screen (several lines added at once
+      // fire their `add` events after all of them are in the collection).
+      var nextView = null;
+      for (var i = collection.indexOf(model) + 1; i < collection.length && !nextView; i++) {
+        nextView = this.lineViews[collection.at(i).cid] || null;
+      }
       var el = this.lineView(model).el;
       if (nextView) {
         this.el.insertBefore(el, nextView.el);

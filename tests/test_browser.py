@@ -1,0 +1,420 @@
+"""The browser chat in ``public/``, in a real headless Chromium against a real
+server process (``python -m chatserver``) on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.browser_helpers import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    chats,
+    expect_chat,
+    expect_users,
+    login,
+    notices,
+    scroll_state,
+    send,
+    users,
+)
+from tests.support import ROOT, ServerProcess, migrated_sqlite
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = ROOT / "test-artifacts"
+PageFactory = Callable[..., Page]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (set CHROMIUM, or apt-get install chromium)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class ServerPool:
+    """A fresh server (own database) for each test, started in the background
+    while the previous test runs: a server takes a second or two to boot."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.count = 0
+        migrated_sqlite(directory)  # the migrated template, made once, here
+        self.next = self._launch()
+
+    def _launch(self) -> Future[ServerProcess]:
+        self.count += 1
+        folder = self.directory / f"server-{self.count}"
+        folder.mkdir()
+        return self.executor.submit(lambda: ServerProcess(migrated_sqlite(folder)).start())
+
+    def take(self) -> ServerProcess:
+        ready, self.next = self.next, self._launch()
+        return ready.result()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.next.result().terminate()
+        self.executor.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
+    pool = ServerPool(tmp_path_factory.mktemp("browser-servers"))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+class Servers:
+    """Chat server processes for one test, all stopped at its end."""
+
+    def __init__(self, tmp_path: Path, pool: ServerPool) -> None:
+        self.db = migrated_sqlite(tmp_path)
+        self.pool = pool
+        self.started: list[ServerProcess] = []
+        self._default: ServerProcess | None = None
+
+    def start(self, port: int | None = None, **env: str) -> ServerProcess:
+        """A server on this test's own database (same port: a restart)."""
+        server = ServerProcess(self.db, port=port, **env).start()
+        self.started.append(server)
+        return server
+
+    @property
+    def default(self) -> ServerProcess:
+        """The test's server with default settings, from the pool."""
+        if self._default is None:
+            self._default = self.pool.take()
+            self.started.append(self._default)
+        return self._default
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.terminate()
+
+
+@pytest.fixture
+def servers(tmp_path: Path, server_pool: ServerPool) -> Iterator[Servers]:
+    servers = Servers(tmp_path, server_pool)
+    try:
+        yield servers
+    finally:
+        servers.stop_all()
+
+
+@pytest.fixture
+def new_page(browser: Browser, servers: Servers) -> Iterator[PageFactory]:
+    """Open the chat (on `server`, default: the test's one server) in a fresh
+    browser context, its own cookies and storage. Any uncaught script error
+    on a page fails the test."""
+    contexts = []
+    errors: list[str] = []
+
+    def open_page(server: ServerProcess | None = None, **context_options: object) -> Page:
+        context = browser.new_context(**context_options)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto((server or servers.default).url)
+        expect(page.locator("#status .conn")).to_have_class(re.compile(r"\bconn-connected\b"))
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+    assert not errors, f"script errors on the page: {errors}"
+
+
+def test_templates_escape_everything() -> None:
+    """Every value in a template goes through <%- %>: no <%= %>, no print()."""
+    html = (ROOT / "public" / "index.html").read_text()
+    templates = re.findall(r'<script type="text/template"[^>]*>(.*?)</script>', html, re.S)
+    assert len(templates) >= 5
+    for template in templates:
+        for tag in re.findall(r"<%(.*?)%>", template, re.S):
+            if tag.startswith("-"):
+                continue
+            assert not tag.startswith("="), f"unescaped <%={tag}%>"
+            assert "print" not in tag, f"print() writes raw HTML: <%{tag}%>"
+
+
+def test_two_pages_chat_both_ways_then_one_leaves(new_page: PageFactory) -> None:
+    alice = new_page()
+    login(alice, "alice")
+    expect_users(alice, ["alice"])
+
+    bob = new_page()
+    login(bob, "bob")
+    expect_users(bob, ["alice", "bob"])
+    expect_users(alice, ["alice", "bob"])
+    expect(alice.locator("#chatList .notice")).to_have_text(["alice joined room.", "bob joined room."])
+    expect(bob.locator("#chatList .notice")).to_contain_text(["bob joined room."])
+
+    send(alice, "hello bob")
+    expect(alice.locator("#chatInput")).to_have_value("")
+    expect_chat(bob, "alice", "hello bob")
+    expect_chat(alice, "alice", "hello bob")
+
+    # Enter on an empty or blank input sends nothing.
+    send(bob, "")
+    send(bob, "   ")
+    send(bob, "hi alice")
+    expect_chat(alice, "bob", "hi alice")
+    expect_chat(bob, "bob", "hi alice")
+    assert chats(alice) == [("alice", "hello bob"), ("bob", "hi alice")]
+    assert chats(bob) == [("alice", "hello bob"), ("bob", "hi alice")]
+    # Own lines are marked, the other's are not.
+    expect(alice.locator("#chatList li.chat-mine .message")).to_have_text(["hello bob"])
+    expect(bob.locator("#chatList li.chat-mine .message")).to_have_text(["hi alice"])
+
+    # Bob closes his page: Alice sees him leave and the count drop to 1.
+    bob.context.close()
+    expect(alice.locator("#chatList .notice")).to_have_text(
+        ["alice joined room.", "bob joined room.", "bob left room."]
+    )
+    expect_users(alice, ["alice"])
+
+
+def test_bad_and_taken_names_then_success(new_page: PageFactory) -> None:
+    holder = new_page()
+    login(holder, "taken")
+
+    page = new_page()
+    # Note every time the button goes busy and the error element is replaced.
+    page.evaluate(
+        """() => {
+            window.__busy = 0;
+            new MutationObserver(() => {
+                if (document.querySelector('#loginButton[disabled][aria-busy="true"]')) window.__busy++;
+            }).observe(document.getElementById('container'), {subtree: true, childList: true, attributes: true});
+        }"""
+    )
+    error = page.locator("#loginError")
+
+    page.fill("#nameInput", "ab")
+    page.press("#nameInput", "Enter")
+    expect(error).to_have_text("Invalid name")
+    expect(error).to_be_visible()
+    expect(page.locator("#nameInput")).to_have_value("ab")
+    expect(page.locator("#loginButton")).to_be_enabled()
+    assert page.evaluate("window.__busy") >= 1
+
+    # The same refusal again: the form goes busy and the error is shown afresh.
+    error.evaluate("el => el.dataset.stale = '1'")
+    page.click("#loginButton")
+    expect(page.locator("#loginError:not([data-stale])")).to_have_text("Invalid name")
+    assert page.evaluate("window.__busy") >= 2
+
+    page.fill("#nameInput", "taken")
+    page.press("#nameInput", "Enter")
+    expect(error).to_have_text("Name already exists")
+    expect(page.locator("#nameInput")).to_have_value("taken")
+
+    page.fill("#nameInput", "second")
+    page.press("#nameInput", "Enter")
+    expect(page.locator("#chatInput")).to_be_visible()
+    expect(page.locator("#status .conn-name")).to_have_text("as second")
+    expect_users(page, ["taken", "second"])
+    expect_users(holder, ["taken", "second"])
+
+
+XSS_MESSAGES = [
+    '<img src=x onerror="window.__xss=1">',
+    "<script>window.__xss=2</script>",
+    "<b>bold</b> & &amp; \"quotes\" 'single'",
+]
+XSS_NAME = "<b>bo</b>"  # names are 3 to 10 characters: markup, not a script
+XSS_BAD_NAME = '"><img src=x onerror="window.__xss=3">'  # refused, then re-rendered into value=""
+
+
+def test_html_in_names_and_messages_is_text(new_page: PageFactory) -> None:
+    watcher = new_page()
+    login(watcher, "watcher")
+
+    page = new_page()
+    page.fill("#nameInput", XSS_BAD_NAME)
+    page.press("#nameInput", "Enter")
+    expect(page.locator("#loginError")).to_have_text("Invalid name")
+    expect(page.locator("#nameInput")).to_have_value(XSS_BAD_NAME)
+
+    login(page, XSS_NAME)
+    for message in XSS_MESSAGES:
+        send(page, message)
+    send(page, "done")
+    for p in (page, watcher):
+        expect_chat(p, XSS_NAME, "done")
+        assert chats(p) == [(XSS_NAME, m) for m in [*XSS_MESSAGES, "done"]]
+        assert f"{XSS_NAME} joined room." in notices(p)
+        expect_users(p, ["watcher", XSS_NAME])
+        # Nothing became an element: the lists hold only our own markup.
+        assert p.locator("#container img, #container script, #container b").count() == 0
+        assert p.locator("#status img, #status b").count() == 0
+    expect(page.locator("#status .conn-name")).to_have_text(f"as {XSS_NAME}")
+    # An <img onerror> would have fired by now (its request returns at once).
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.__xss") is None
+    assert watcher.evaluate("window.__xss") is None
+
+
+def test_scrolls_only_when_at_the_bottom(new_page: PageFactory) -> None:
+    reader = new_page(viewport={"width": 900, "height": 500})
+    login(reader, "reader")
+    writer = new_page()
+    login(writer, "writer")
+
+    writer.evaluate("n => { for (let i = 0; i < n; i++) ChatApp.controller.viewEventBus.trigger('chat', 'line ' + i); }", 40)
+    expect_chat(reader, "writer", "line 39")
+    state = scroll_state(reader)
+    assert state["height"] > state["client"], "the list should overflow for this test"
+    assert state["atBottom"], state
+
+    # Reading older lines: a new line does not move the view.
+    reader.eval_on_selector("#chatScroll", "s => { s.scrollTop = 0; }")
+    send(writer, "while reading")
+    expect_chat(reader, "writer", "while reading")
+    assert scroll_state(reader)["top"] == 0
+    expect(reader.locator("#newBelow")).to_be_visible()
+
+    reader.click("#newBelow")
+    assert scroll_state(reader)["atBottom"]
+    expect(reader.locator("#newBelow")).to_be_hidden()
+    send(writer, "at the bottom")
+    expect_chat(reader, "writer", "at the bottom")
+    assert scroll_state(reader)["atBottom"]
+
+
+def test_server_restart_reconnects_and_logs_in_again(new_page: PageFactory, servers: Servers) -> None:
+    server = servers.start()
+    page = new_page(server)
+    login(page, "carol")
+    send(page, "before restart")
+    expect_chat(page, "carol", "before restart")
+
+    server.terminate()
+    status = page.locator("#status .conn")
+    expect(status).to_have_class(re.compile(r"\bconn-(disconnected|reconnecting)\b"))
+    expect(status).to_contain_text("Disconnected")
+    expect(page.locator(".home-screen")).to_have_class(re.compile(r"\boffline\b"))
+
+    servers.start(port=server.port)  # same port, same database
+    expect(status).to_have_class(re.compile(r"\bconn-connected\b"), timeout=15_000)
+    expect(page.locator("#status .conn-name")).to_have_text("as carol")
+    expect(page.locator(".home-screen")).not_to_have_class(re.compile(r"\boffline\b"))
+    expect_users(page, ["carol"])
+    # Logged in on the new server: a chat is accepted and comes back.
+    send(page, "after restart")
+    expect_chat(page, "carol", "after restart")
+    assert chats(page) == [("carol", "before restart"), ("carol", "after restart")]
+    lines = notices(page)
+    assert lines[0] == "carol joined room."
+    assert lines[-1] == "carol joined room."
+    assert "Connection lost." in lines
+    # Whether the server resumed (replaying the leave it recorded at
+    # shutdown) or the page logged in again, no line is shown twice.
+    assert lines.count("carol left room.") <= 1, lines
+
+
+def test_reconnect_shows_what_was_missed_once(new_page: PageFactory) -> None:
+    away = new_page()
+    login(away, "away")
+    talker = new_page()
+    login(talker, "talker")
+    send(talker, "while you were here")
+    expect_chat(away, "talker", "while you were here")
+
+    # Drop the connection and keep it down while the other page talks.
+    away.evaluate(
+        "() => { const s = ChatApp.controller.chatClient.socket; s.io.reconnection(false); s.io.engine.close(); }"
+    )
+    expect(away.locator("#status .conn")).to_have_class(re.compile(r"\bconn-disconnected\b"))
+    missed = [f"missed {i}" for i in range(3)]
+    for message in missed:
+        send(talker, message)
+    expect_chat(talker, "talker", missed[-1])
+
+    away.evaluate("() => { const s = ChatApp.controller.chatClient.socket; s.io.reconnection(true); s.connect(); }")
+    expect(away.locator("#status .conn-name")).to_have_text("as away")
+    send(talker, "live again")
+    expect_chat(away, "talker", "live again")
+    expected = [("talker", m) for m in ["while you were here", *missed, "live again"]]
+    assert chats(away) == expected
+    assert chats(talker) == expected
+    # Join order depends on whether the server resumed or the page logged in again.
+    expect(away.locator("#userCount")).to_have_text("2")
+    assert sorted(users(away)) == ["away", "talker"]
+
+
+def test_history_on_entering_and_paging_back(new_page: PageFactory, servers: Servers) -> None:
+    server = servers.start(CHAT_HISTORY_SIZE="3")
+    first = new_page(server)
+    login(first, "first")
+    sent = [f"message {i}" for i in range(1, 6)]
+    for message in sent:
+        send(first, message)
+    expect_chat(first, "first", sent[-1])
+
+    late = new_page(server)
+    login(late, "late")
+    # The last three items before the login, then the live join line.
+    expect(late.locator("#chatList li")).to_have_text(
+        [re.compile(r"first\s*message 3"), re.compile(r"first\s*message 4"),
+         re.compile(r"first\s*message 5"), re.compile(r"late joined room\.")]
+    )
+    older = late.locator("#chatOlder [data-action=older]")
+    expect(older).to_be_visible()
+    older.click()
+    expect(late.locator("#chatOlder")).to_contain_text("Start of the conversation")
+    assert chats(late) == [("first", m) for m in sent]
+    assert notices(late) == ["first joined room.", "late joined room."]
+    first_line = late.locator("#chatList li").first
+    expect(first_line).to_have_text(re.compile(r"first joined room\."))
+
+
+LONG_WORD = "Supercalifragilistic" * 8
+LONG_MESSAGE = "This message is long enough to wrap onto several lines in the lobby: " + " ".join(
+    ["lorem ipsum dolor sit amet"] * 12
+)
+
+
+def test_lobby_screenshot_wide_and_narrow(new_page: PageFactory) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    alice = new_page(viewport={"width": 1280, "height": 720})
+    login(alice, "alice")
+    bob = new_page(viewport={"width": 360, "height": 640})
+    login(bob, "bob")
+    send(alice, "Hi Bob! How is the new chat?")
+    send(bob, "Works nicely, and <b>this</b> stays text.")
+    send(alice, LONG_MESSAGE)
+    send(bob, LONG_WORD)
+    send(alice, "À bientôt, ça marche !")
+    expect_chat(alice, "alice", "À bientôt, ça marche !")
+    expect_chat(bob, "alice", "À bientôt, ça marche !")
+
+    for page in (alice, bob):
+        # Long lines wrap: nothing scrolls sideways, in the list or the page.
+        assert page.eval_on_selector("#chatScroll", "s => s.scrollWidth <= s.clientWidth")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        for selector in ("#chatInput", "#userCount", "#status .conn"):
+            box = page.locator(selector).bounding_box()
+            viewport = page.viewport_size
+            assert box and viewport
+            assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], selector
+            assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], selector
+        expect_users(page, ["alice", "bob"])
+
+    alice.screenshot(path=str(ARTIFACTS / "lobby.png"))
+    bob.screenshot(path=str(ARTIFACTS / "lobby-narrow.png"))
