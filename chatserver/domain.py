@@ -68,6 +68,12 @@ class NotStored(DomainError):
     code = "not_stored"
 
 
+class ServerFailed(DomainError):
+    """Something outside the client's control failed (the database, say)."""
+
+    code = "server_error"
+
+
 class ResumeRefused(DomainError):
     """A resume token that is unknown, superseded, expired or malformed."""
 

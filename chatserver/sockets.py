@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import socketio
 
 from . import protocol
 from .config import Settings
-from .domain import BadPayload, DomainError, NameBad, NameTaken, RateLimited
+from .domain import BadPayload, DomainError, NameBad, NameTaken, RateLimited, ServerFailed
 from .ratelimit import TokenBucket
 from .service import ChatService
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class SocketIOPublisher:
@@ -85,8 +88,7 @@ class SocketHandlers:
     async def on_login(self, sid: str, *args: Any) -> dict[str, Any]:
         name = args[0] if args else None
         try:
-            self._throttle(sid)
-            stored = await self.service.login(sid, name)
+            stored = await self._call(sid, protocol.LOGIN, lambda: self.service.login(sid, name))
         except NameBad as exc:
             self.service.reply(sid, protocol.LOGIN_NAME_BAD, name)
             return protocol.ack_error(exc)
@@ -100,10 +102,13 @@ class SocketHandlers:
     async def on_resume(self, sid: str, *args: Any) -> dict[str, Any]:
         request = args[0] if len(args) == 1 else None
         try:
-            self._throttle(sid)
             if not isinstance(request, dict):
                 raise BadPayload("resume takes an object {token, lastPosition}")
-            stored = await self.service.resume(sid, request.get("token"), request.get("lastPosition"))
+            stored = await self._call(
+                sid,
+                protocol.RESUME,
+                lambda: self.service.resume(sid, request.get("token"), request.get("lastPosition")),
+            )
         except DomainError as exc:
             # Every refusal, ResumeRefused or not, sends the client back to login.
             self.service.reply(sid, protocol.RESUME_FAILED, {"code": exc.code, "message": exc.message})
@@ -112,20 +117,18 @@ class SocketHandlers:
 
     async def on_history(self, sid: str, *args: Any) -> dict[str, Any]:
         try:
-            self._throttle(sid)
             if len(args) > 1:
                 raise BadPayload("history takes one object {before, limit}")
-            page = await self.service.history(sid, args[0] if args else None)
+            page = await self._call(sid, protocol.HISTORY, lambda: self.service.history(sid, args[0] if args else None))
         except DomainError as exc:
             return self._refuse(sid, protocol.HISTORY, exc)
         return {"ok": True, **page}
 
     async def on_chat(self, sid: str, *args: Any) -> dict[str, Any]:
         try:
-            self._throttle(sid)
             if len(args) != 1:
                 raise BadPayload("chat takes exactly one argument, the message")
-            stored = await self.service.chat(sid, args[0])
+            stored = await self._call(sid, protocol.CHAT, lambda: self.service.chat(sid, args[0]))
         except DomainError as exc:
             return self._refuse(sid, protocol.CHAT, exc)
         return protocol.ack_stored(stored)
@@ -136,6 +139,18 @@ class SocketHandlers:
             return self.service.online_users(sid)
         except DomainError as exc:
             return self._refuse(sid, protocol.ONLINE_USERS, exc)
+
+    async def _call(self, sid: str, event: str, command: Callable[[], Awaitable[T]]) -> T:
+        """Throttle, run a command, and turn a surprise into a clear refusal:
+        a failing database must not leave a client without an answer."""
+        self._throttle(sid)
+        try:
+            return await command()
+        except DomainError:
+            raise
+        except Exception as exc:
+            log.exception("%s from %s failed", event, sid)
+            raise ServerFailed("the server could not handle this right now; try again") from exc
 
     def _throttle(self, sid: str) -> None:
         bucket = self._buckets.get(sid)

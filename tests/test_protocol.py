@@ -187,3 +187,34 @@ async def test_flood_is_rate_limited(db_url: str) -> None:
             assert len(a.events("protocolError")) <= 2  # one notice a second
         finally:
             await a.disconnect()
+
+
+async def test_store_failure_is_refused_clearly_and_others_keep_going(server: InProcessServer, db_url: str) -> None:
+    import sqlalchemy as sa
+
+    from chatserver.database import create_engine
+
+    a = await connected(server)
+    b = await connected(server)
+    try:
+        await a.login("alice")
+        engine = create_engine(db_url, writer=True)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("ALTER TABLE events RENAME TO events_away"))
+            ack = await a.call("chat", "lost?")
+            assert ack["ok"] is False and ack["error"] == "not_stored"
+            ack = await b.call("login", "bobby")
+            assert ack["ok"] is False and ack["error"] == "server_error"
+            await b.wait_event("protocolError")
+            assert await a.call("onlineUsers") == ["alice"]
+            assert not a.events("chat")  # nothing unstored was broadcast
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("ALTER TABLE events_away RENAME TO events"))
+        finally:
+            await engine.dispose()
+        assert (await a.call("chat", "back"))["ok"]
+        await b.login("bobby")
+    finally:
+        await a.disconnect()
+        await b.disconnect()
