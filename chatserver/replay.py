@@ -1,0 +1,675 @@
+"""``chat-replay``: print the chat's history from the event log.
+
+Reads the log of the database the server uses (CHAT_DATABASE_URL or
+--database-url) in position order, filtered, as a transcript, jsonl or csv;
+``--follow`` keeps printing what the server appends. Reads only: a SQLite file
+is opened read-only (and never created), PostgreSQL in read-only transactions.
+
+Speed: on SQLite the database renders whole chunks of output (see the bulk
+reads at the end of store.py); on PostgreSQL rows come through an asyncpg
+server-side cursor. Memory stays constant whatever the size of the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TextIO
+from urllib.parse import quote
+
+from .config import database_url_from_env
+from .events import TYPE_ALIASES, UserLoggedIn, user_stream
+from .replay_format import FORMATS, Renderer, renderer_for
+
+if TYPE_CHECKING:
+    from .store import ReplayFilter
+
+# store.py (the SQL) imports SQLAlchemy, which takes a good part of a second:
+# it is imported once the arguments are known good, so that --help and usage
+# errors answer at once.
+
+PROG = "chat-replay"
+
+# Exit statuses (documented in --help).
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_NOT_MIGRATED = 3
+EXIT_UNREACHABLE = 4
+EXIT_INTERRUPTED = 130
+
+REQUIRED_TABLES = {"events"}
+MIGRATE_HINT = "run `alembic upgrade head` (with the same CHAT_DATABASE_URL) first"
+
+DESCRIPTION = """\
+Print the chat's history from the event log, in order of position.
+
+Reads the database the server uses: --database-url, else CHAT_DATABASE_URL,
+else sqlite+aiosqlite:///chat.db (PostgreSQL: postgresql+asyncpg://user@host:port/db).
+It only reads: a SQLite file is opened read-only and never created.
+Filters combine: an event is printed when it matches every one given."""
+
+EPILOG = """\
+formats:
+  text   (default) a transcript; times are UTC, to the second:
+           2026-11-25 21:55:13Z <alice> hello
+           2026-11-25 21:55:14Z * bob joined
+           2026-11-25 21:55:20Z * bob left (disconnected)
+         A message's further lines are indented under its first; control
+         characters print escaped (\\x1b). Logins are left out (each is followed
+         by a join in the same commit) unless --type login is given:
+           2026-11-25 21:55:14Z * bob logged in (node local, session 5e0c...)
+         Colour when stdout is a terminal (--color, NO_COLOR).
+  jsonl  one JSON object per line, a stable schema for tools:
+           {"position":7,"stream":"user-alice","type":"MessagePosted",
+            "time":"2026-11-25T21:55:13.204518Z",
+            "payload":{"sender":"alice","message":"hello","room":"lobby"}}
+         position  integer, the event's place in the log (gap-free, from 1)
+         stream    "user-<name>": the user the event is about
+         type      UserLoggedIn | UserJoined | MessagePosted | UserLeft
+         time      when it was recorded: ISO 8601, UTC, microseconds, "Z"
+         payload   the event as stored (README, "Event log"); keys in the
+                   order the server writes them, more keys may come later
+  csv    a header, then position,stream,type,time,payload (payload is the
+         jsonl payload as JSON text); lines end in \\n.
+
+times (--since, --until): ISO 8601, UTC unless an offset is given
+  (2026-11-25, 2026-11-25T21:55, "2026-11-25 21:55:13+01:00"), or a time
+  ago: 30s, 15m, 2h, 7d, 1w. --since is inclusive, --until exclusive.
+
+examples:
+  chat-replay                                   the whole transcript
+  chat-replay --tail 20 -f                      the last 20 lines, then follow
+  chat-replay --user alice --type chat --since 2h
+  chat-replay --format jsonl --after 41000 > new.jsonl     incremental dump
+  chat-replay --format jsonl | jq -r 'select(.type == "MessagePosted") | .payload.message'
+  CHAT_DATABASE_URL=postgresql+asyncpg://chat@db:5432/chat chat-replay -f
+
+--follow polls the log by position every --interval seconds and prints each
+new event once, in order, until Ctrl-C (or SIGTERM); with --limit it stops
+after that many events. Progress goes to stderr during long dumps when
+stderr is a terminal and stdout is not.
+
+exit status:
+  0    done; also Ctrl-C during --follow, and a reader closing the pipe (| head)
+  2    bad usage or filter value
+  3    database missing or not migrated: run `alembic upgrade head`
+  4    database unreachable or unreadable (PostgreSQL down, not a database file)
+  130  interrupted (Ctrl-C) before a dump finished"""
+
+
+class ReplayError(Exception):
+    """An error for the operator: one line on stderr, and an exit status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class OutputClosed(Exception):
+    """The reader of stdout went away (EPIPE): stop quietly."""
+
+
+# -- options ------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(value: str, *, now: datetime | None = None) -> datetime:
+    """ISO 8601 (UTC when no offset is given) or a time ago (15m, 2h, 7d)."""
+    text = value.strip()
+    ago = _AGO.fullmatch(text)
+    if ago:
+        seconds = float(ago.group(1)) * _UNIT_SECONDS[ago.group(2).lower()]
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        moment = datetime.fromisoformat(text)  # also takes a trailing Z
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a time: use ISO 8601 (2026-11-25T21:55:13Z) or a time ago (15m, 2h, 7d)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0 (at most 3600), got {value!r}")
+    return seconds
+
+
+# The short names (login, join, chat, leave) and the full type names, any case.
+_TYPE_NAMES = {**TYPE_ALIASES, **{t.lower(): t for t in TYPE_ALIASES.values()}}
+
+
+def _types(value: str) -> list[str]:
+    names = []
+    for part in value.split(","):
+        name = _TYPE_NAMES.get(part.strip().lower())
+        if name is None:
+            raise argparse.ArgumentTypeError(
+                f"unknown event type {part.strip()!r}: use " + ", ".join(TYPE_ALIASES) + " (or the full type names)"
+            )
+        names.append(name)
+    return names
+
+
+def _text(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--database-url", metavar="URL",
+        help="the event store (default: CHAT_DATABASE_URL, else sqlite+aiosqlite:///chat.db)",
+    )
+    parser.add_argument("--format", choices=FORMATS, default="text", help="text (default), jsonl or csv")
+    what = parser.add_argument_group("filters (they combine)")
+    what.add_argument("--since", type=parse_time, metavar="TIME", help="events recorded at or after TIME")
+    what.add_argument("--until", type=parse_time, metavar="TIME", help="events recorded before TIME")
+    what.add_argument(
+        "--after", type=_count, default=0, metavar="POSITION",
+        help="events after this position (exclusive): for incremental dumps",
+    )
+    what.add_argument(
+        "--user", action="append", type=_text, metavar="NAME",
+        help="events about this user (stream user-NAME: logins, joins, chats, leaves); repeatable",
+    )
+    what.add_argument(
+        "--type", action="append", type=_types, metavar="TYPE",
+        help="login, join, chat or leave (or a full type name); repeatable or comma-separated",
+    )
+    what.add_argument(
+        "--room", action="append", type=_text, metavar="ROOM",
+        help="events in this room (logins have none; everything is in 'lobby' today); repeatable",
+    )
+    what.add_argument("--limit", type=_count, metavar="N", help="stop after the first N events")
+    what.add_argument("--tail", type=_count, metavar="N", help="only the last N events (then new ones with --follow)")
+    live = parser.add_argument_group("following")
+    live.add_argument(
+        "-f", "--follow", action="store_true",
+        help="after the dump, print new events as they are appended, until Ctrl-C",
+    )
+    live.add_argument(
+        "--interval", type=_seconds, default=0.25, metavar="SECONDS",
+        help="how often --follow polls the log (default 0.25)",
+    )
+    look = parser.add_argument_group("output")
+    look.add_argument(
+        "--color", choices=("auto", "always", "never"), default="auto",
+        help="colour the text format; auto (default): when stdout is a terminal and NO_COLOR is unset",
+    )
+    look.add_argument("--no-header", dest="header", action="store_false", help="csv without its header line")
+    return parser
+
+
+@dataclass(frozen=True)
+class Options:
+    url: str
+    format: str
+    filter: dict[str, Any]  # ReplayFilter's fields
+    limit: int | None
+    tail: int | None
+    follow: bool
+    interval: float
+    color: bool
+    header: bool
+
+
+def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Options:
+    if args.limit is not None and args.tail is not None:
+        parser.error("--limit and --tail do not combine: use one")
+    if args.follow and args.until is not None:
+        parser.error("--follow does not combine with --until")
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        parser.error("--since must be earlier than --until")
+    types = tuple(dict.fromkeys(t for group in args.type for t in group)) if args.type else None
+    # The transcript leaves logins out unless they are asked for: each one
+    # is followed by a join in the same commit.
+    exclude = (UserLoggedIn.type,) if args.format == "text" and types is None else ()
+    flt = dict(
+        after=args.after,
+        since=args.since,
+        until=args.until,
+        types=types,
+        exclude_types=exclude,
+        streams=tuple(dict.fromkeys(user_stream(u) for u in args.user)) if args.user else None,
+        rooms=tuple(dict.fromkeys(args.room)) if args.room else None,
+    )
+    if args.color == "auto":
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    else:
+        color = args.color == "always"
+    return Options(
+        url=args.database_url or database_url_from_env(),
+        format=args.format,
+        filter=flt,
+        limit=args.limit,
+        tail=args.tail,
+        follow=args.follow,
+        interval=args.interval,
+        color=color,
+        header=args.header,
+    )
+
+
+# -- output ---------------------------------------------------------------------
+
+
+class Output:
+    """stdout as bytes; a reader that goes away raises OutputClosed."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        if data:
+            try:
+                self.stream.write(data)
+            except BrokenPipeError:
+                raise OutputClosed from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+
+class Progress:
+    """``123,456 events, position 500,000 of 1,000,000 (50%)`` on a terminal's stderr."""
+
+    DELAY = 0.5  # say nothing for dumps shorter than this
+    EVERY = 0.2
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self.started = time.monotonic()
+        self.shown = self.started + self.DELAY - self.EVERY
+        self.drawn = False
+        self.events = 0
+        self.first = 0
+        self.last = 0
+
+    def window(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+
+    def update(self, events: int, position: int) -> None:
+        self.events += events
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if now - self.shown < self.EVERY:
+            return
+        self.shown = now
+        span = max(self.last - self.first, 1)
+        done = min(max(position - self.first, 0), span)
+        self.stream.write(
+            f"\r{PROG}: {self.events:,} events, position {position:,} of {self.last:,} ({100 * done // span}%)\x1b[K"
+        )
+        self.stream.flush()
+        self.drawn = True
+
+    def done(self) -> None:
+        if self.drawn and self.stream is not None:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.drawn = False
+        self.stream = None  # only the first dump shows progress, not --follow
+
+
+def _progress_stream() -> TextIO | None:
+    try:
+        if sys.stderr.isatty() and not sys.stdout.isatty():
+            return sys.stderr
+    except (AttributeError, ValueError):
+        pass
+    return None
+
+
+class Replay:
+    """What both backends share: the filter, the count, the output, progress."""
+
+    def __init__(self, options: Options, out: Output, progress: Progress) -> None:
+        from .store import ReplayFilter
+
+        self.options = options
+        self.out = out
+        self.progress = progress
+        self.filter = ReplayFilter(**options.filter)
+        self.renderer: Renderer = renderer_for(options.format, color=options.color, header=options.header)
+        self.remaining = options.limit
+
+    @property
+    def satisfied(self) -> bool:
+        return self.remaining is not None and self.remaining <= 0
+
+    def wrote(self, data: bytes, events: int, last_position: int) -> None:
+        self.out.write(data)
+        if self.remaining is not None:
+            self.remaining -= events
+        self.progress.update(events, last_position)
+
+    def begin(self, f: ReplayFilter) -> None:
+        """Before the dump of ``f`` (positions ``f.after`` to ``f.through``)."""
+        assert f.through is not None
+        self.progress.window(f.after, f.through)
+        self.out.write(self.renderer.header())
+
+    def dumped(self) -> None:
+        self.progress.done()
+        self.out.flush()
+
+
+# -- SQLite ---------------------------------------------------------------------
+
+
+def sqlite_path(url: str) -> Path:
+    import sqlalchemy as sa
+
+    database = sa.make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        raise ReplayError(EXIT_USAGE, f"{url} names no SQLite database file")
+    return Path(database)
+
+
+def open_sqlite(url: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A read-only connection to the log's file: a missing file is not created."""
+    from .store import replay_sqlite_tables
+
+    path = sqlite_path(url)
+    if not path.exists():
+        raise ReplayError(
+            EXIT_NOT_MIGRATED,
+            f"no database at {path.resolve()} (from {url}): point CHAT_DATABASE_URL or --database-url at "
+            f"the server's database, or create it: {MIGRATE_HINT}",
+        )
+    try:
+        conn = sqlite3.connect(
+            f"file:{quote(str(path.resolve()))}?mode=ro",
+            uri=True,
+            isolation_level=None,  # autocommit: each read sees the latest commit
+            timeout=10,
+            check_same_thread=check_same_thread,
+        )
+    except sqlite3.Error as exc:
+        raise ReplayError(EXIT_UNREACHABLE, f"cannot open {path}: {exc}") from None
+    try:
+        tables = replay_sqlite_tables(conn)
+        conn.execute("SELECT json_object('ok', json('1'))").fetchone()
+    except sqlite3.Error as exc:
+        conn.close()
+        detail = "this SQLite has no JSON functions" if "json" in str(exc) else str(exc)
+        raise ReplayError(EXIT_UNREACHABLE, f"cannot read {path}: {detail}") from None
+    if not REQUIRED_TABLES <= tables:
+        conn.close()
+        raise ReplayError(EXIT_NOT_MIGRATED, f"{path} holds no chat event log (no table events): {MIGRATE_HINT}")
+    return conn
+
+
+# A long jsonl dump is cut into windows of positions that threads render side
+# by side, each on its own read-only connection (sqlite3 lets go of the GIL
+# while SQLite works), and written in order, a few windows in flight at most.
+WINDOW = 8192
+THREADS = min(4, os.cpu_count() or 1)
+
+
+def jsonl_in_windows(url: str, f: ReplayFilter, threads: int = THREADS) -> Iterator[tuple[bytes, int, int]]:
+    from .store import replay_sqlite_jsonl_chunk
+
+    assert f.through is not None
+    local = threading.local()
+    opened: list[sqlite3.Connection] = []
+    lock = threading.Lock()
+
+    def render(window: ReplayFilter) -> tuple[bytes | None, int, int]:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = open_sqlite(url, check_same_thread=False)
+            with lock:
+                opened.append(conn)
+        return replay_sqlite_jsonl_chunk(conn, window)
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=PROG)
+    pending: deque[Future[tuple[bytes | None, int, int]]] = deque()
+    try:
+        for low in range(f.after, f.through, WINDOW):
+            pending.append(pool.submit(render, replace(f, after=low, through=min(low + WINDOW, f.through))))
+            while len(pending) >= 2 * threads or (pending and low + WINDOW >= f.through):
+                text, count, last = pending.popleft().result()
+                if text is not None:
+                    yield text, count, last
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for conn in opened:
+            conn.close()
+
+
+def replay_sqlite(options: Options, out: Output, progress: Progress) -> None:
+    from .store import replay_sqlite_head, replay_sqlite_jsonl, replay_sqlite_rows, replay_sqlite_tail_after
+
+    conn = open_sqlite(options.url)
+    job = Replay(options, out, progress)
+
+    def dump(f: ReplayFilter) -> None:
+        assert f.through is not None
+        if job.satisfied:
+            return
+        if options.format != "jsonl":
+            for rows in replay_sqlite_rows(conn, f, limit=job.remaining):
+                job.wrote(job.renderer.render(rows), len(rows), rows[-1][0])
+        elif job.remaining is None and THREADS > 1 and f.through - f.after > 2 * WINDOW:
+            for text, count, last in jsonl_in_windows(options.url, f):
+                job.wrote(text, count, last)
+        else:
+            for text, count, last in replay_sqlite_jsonl(conn, f, limit=job.remaining):
+                job.wrote(text, count, last)
+
+    try:
+        head = replay_sqlite_head(conn)
+        f = replace(job.filter, through=head)
+        if options.tail is not None:
+            f = replace(f, after=replay_sqlite_tail_after(conn, f, options.tail))
+        job.begin(f)
+        dump(f)
+        job.dumped()
+        # Positions commit in order, gap-free: everything up to the head read
+        # now is there to read, and the next window starts where this one ended.
+        seen = max(head, job.filter.after)
+        while options.follow and not job.satisfied:
+            time.sleep(options.interval)
+            head = replay_sqlite_head(conn)
+            if head > seen:
+                dump(replace(f, after=seen, through=head))
+                out.flush()
+                seen = head
+    except sqlite3.Error as exc:
+        raise ReplayError(EXIT_UNREACHABLE, f"cannot read {sqlite_path(options.url)}: {exc}") from None
+    finally:
+        progress.done()
+        conn.close()
+
+
+# -- PostgreSQL -------------------------------------------------------------------
+
+
+async def connect_pg(url: str) -> Any:
+    import asyncpg
+    import sqlalchemy as sa
+
+    from .store import replay_pg_tables
+
+    parsed = sa.make_url(url)
+    dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except asyncpg.InvalidCatalogNameError:
+        raise ReplayError(
+            EXIT_NOT_MIGRATED,
+            f"PostgreSQL at {where} has no database {parsed.database!r}: create it, then {MIGRATE_HINT}",
+        ) from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ReplayError(EXIT_UNREACHABLE, f"cannot reach PostgreSQL at {where}: {_one_line(exc)}") from None
+    try:
+        tables = await replay_pg_tables(conn)
+    except BaseException:
+        conn.terminate()
+        raise
+    if not REQUIRED_TABLES <= tables:
+        await conn.close(timeout=2)
+        raise ReplayError(
+            EXIT_NOT_MIGRATED,
+            f"PostgreSQL database {parsed.database!r} holds no chat event log (no table events): {MIGRATE_HINT}",
+        )
+    return conn
+
+
+async def replay_pg(options: Options, out: Output, progress: Progress) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from .store import replay_pg_head, replay_pg_rows, replay_pg_tail_after
+
+    conn = await connect_pg(options.url)
+    job = Replay(options, out, progress)
+
+    async def dump(f: ReplayFilter) -> None:
+        if job.satisfied:
+            return
+        async for rows in replay_pg_rows(conn, f, limit=job.remaining):
+            job.wrote(job.renderer.render(rows), len(rows), rows[-1][0])
+
+    try:
+        head = await replay_pg_head(conn)
+        f = replace(job.filter, through=head)
+        if options.tail is not None:
+            f = replace(f, after=await replay_pg_tail_after(conn, f, options.tail))
+        job.begin(f)
+        await dump(f)
+        job.dumped()
+        seen = max(head, job.filter.after)  # see replay_sqlite
+        while options.follow and not job.satisfied:
+            await asyncio.sleep(options.interval)
+            head = await replay_pg_head(conn)
+            if head > seen:
+                await dump(replace(f, after=seen, through=head))
+                out.flush()
+                seen = head
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ReplayError(EXIT_UNREACHABLE, f"lost the PostgreSQL database: {_one_line(exc)}") from None
+    finally:
+        progress.done()
+        try:
+            await conn.close(timeout=2)
+        except Exception:  # noqa: BLE001 - the connection broke already
+            conn.terminate()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# -- main -----------------------------------------------------------------------
+
+
+def backend(url: str) -> str:
+    import sqlalchemy as sa
+
+    try:
+        name = sa.make_url(url).get_backend_name()
+    except sa.exc.ArgumentError:
+        raise ReplayError(
+            EXIT_USAGE,
+            "the database URL is not a URL "
+            "(expected sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST:PORT/DB)",
+        ) from None
+    if name not in ("sqlite", "postgresql"):
+        shown = sa.make_url(url).render_as_string(hide_password=True)
+        raise ReplayError(EXIT_USAGE, f"{shown}: chat-replay reads SQLite or PostgreSQL, not {name}")
+    return name
+
+
+def _stdout_gone() -> None:
+    # The reader closed the pipe: nothing more can be written, and the
+    # interpreter's own flush of stdout at exit must not complain either.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = options_from(args, parser)
+    out = Output(sys.stdout.buffer)
+    progress = Progress(_progress_stream())
+    # SIGTERM stops like Ctrl-C (a supervisor ending a --follow).
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        try:
+            if backend(options.url) == "sqlite":
+                replay_sqlite(options, out, progress)
+            else:
+                import asyncio
+
+                asyncio.run(replay_pg(options, out, progress))
+            out.flush()
+        except KeyboardInterrupt:
+            out.flush()
+            return EXIT_OK if options.follow else EXIT_INTERRUPTED
+    except OutputClosed:
+        _stdout_gone()
+        return EXIT_OK
+    except ReplayError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.code
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""How chat-replay prints events: a text transcript, jsonl or csv.
+
+Renderers take chunks of ReplayRows ([position, stream, type, time, payload],
+see store.py) and return UTF-8 bytes, every line ending in a newline.
+
+jsonl is the stable, documented schema: one object per line,
+``{"position", "stream", "type", "time", "payload"}``, payload keys in the
+order the server writes them (the event's fields), whatever the backend: on
+SQLite the database renders these lines itself (store.replay_sqlite_jsonl),
+and JsonlRenderer produces the same bytes from rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from .events import EVENT_TYPES, LOBBY, MessagePosted, UserJoined, UserLeft, UserLoggedIn
+
+if TYPE_CHECKING:  # store.py imports SQLAlchemy: too slow for a CLI that only prints --help
+    from .store import ReplayRow
+
+FORMATS = ("text", "jsonl", "csv")
+CSV_COLUMNS = ("position", "stream", "type", "time", "payload")
+
+# The payload fields of each event type, in the order the server writes them.
+_FIELDS: dict[str, tuple[str, ...]] = {
+    name: tuple(f.name for f in dataclasses.fields(cls)) for name, cls in EVENT_TYPES.items()
+}
+
+
+def written_order(type_: str, payload: Any) -> Any:
+    """The payload with its keys in the order the server writes them.
+
+    PostgreSQL's jsonb keeps keys shortest first; this puts them back so that
+    jsonl is the same bytes from either backend. Unknown keys keep their place
+    after the known ones.
+    """
+    fields = _FIELDS.get(type_)
+    if not fields or not isinstance(payload, dict):
+        return payload
+    ordered = {key: payload[key] for key in fields if key in payload}
+    if len(ordered) != len(payload):
+        ordered.update(payload)
+    return ordered
+
+
+class Renderer(Protocol):
+    def header(self) -> bytes: ...
+
+    def render(self, rows: list[ReplayRow]) -> bytes: ...
+
+
+class JsonlRenderer:
+    def header(self) -> bytes:
+        return b""
+
+    def render(self, rows: list[ReplayRow]) -> bytes:
+        dumps = orjson.dumps
+        return b"".join(
+            [
+                dumps(
+                    {
+                        "position": position,
+                        "stream": stream,
+                        "type": type_,
+                        "time": time,
+                        "payload": written_order(type_, payload),
+                    },
+                    option=orjson.OPT_APPEND_NEWLINE,
+                )
+                for position, stream, type_, time, payload in rows
+            ]
+        )
+
+
+class CsvRenderer:
+    """Columns position,stream,type,time,payload (payload as compact JSON); lines end in \\n."""
+
+    def __init__(self, *, header: bool = True) -> None:
+        self._header = header
+
+    def header(self) -> bytes:
+        return (",".join(CSV_COLUMNS) + "\n").encode() if self._header else b""
+
+    def render(self, rows: list[ReplayRow]) -> bytes:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerows(
+            (position, stream, type_, time, orjson.dumps(written_order(type_, payload)).decode())
+            for position, stream, type_, time, payload in rows
+        )
+        return buffer.getvalue().encode()
+
+
+# Control characters would let a logged message drive the reader's terminal:
+# the transcript shows them escaped (\x1b). Messages keep tabs and newlines;
+# a message's further lines are indented under its first.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_NAME_TABLE = str.maketrans(_ESCAPES)
+_MESSAGE_TABLE = str.maketrans({k: v for k, v in _ESCAPES.items() if chr(k) not in "\t\n"})
+
+_RESET = "\x1b[0m"
+_DIM = "\x1b[2m"
+_BOLD = "\x1b[1m"
+_JOINED = "\x1b[32m"
+_LEFT = "\x1b[33m"
+_OTHER = "\x1b[36m"
+
+
+class TextRenderer:
+    """A transcript for people:
+
+    2026-11-25 21:55:13Z <alice> hello
+    2026-11-25 21:55:14Z * bob joined
+    2026-11-25 21:55:20Z * bob left (disconnected)
+
+    Logins print as ``* alice logged in (node local, session 3f2a...)`` (or
+    ``resumed``) when asked for; events in another room than the lobby carry
+    ``#room`` before the name.
+    """
+
+    def __init__(self, *, color: bool = False) -> None:
+        self.color = color
+
+    def header(self) -> bytes:
+        return b""
+
+    def render(self, rows: list[ReplayRow]) -> bytes:
+        return "".join([self.line(row) for row in rows]).encode()
+
+    def _paint(self, style: str, text: str) -> str:
+        return f"{style}{text}{_RESET}" if self.color else text
+
+    def line(self, row: ReplayRow) -> str:
+        _position, _stream, type_, time, payload = row
+        stamp = f"{time[:10]} {time[11:19]}Z"
+        head = self._paint(_DIM, stamp) + " "
+        try:
+            room = payload.get("room")
+            where = "" if room in (None, LOBBY) else f"#{_name(room)} "
+            if type_ == MessagePosted.type:
+                sender = f"<{_name(payload['sender'])}>"
+                indent = "\n" + " " * (len(stamp) + 1 + len(where) + len(sender) + 1)
+                message = str(payload["message"]).translate(_MESSAGE_TABLE).replace("\n", indent)
+                return f"{head}{where}{self._paint(_BOLD, sender)} {message}\n"
+            if type_ == UserJoined.type:
+                return head + self._paint(_JOINED, f"{where}* {_name(payload['name'])} joined") + "\n"
+            if type_ == UserLeft.type:
+                reason = payload.get("reason")
+                because = f" ({_name(reason)})" if reason else ""
+                return head + self._paint(_LEFT, f"{where}* {_name(payload['name'])} left{because}") + "\n"
+            if type_ == UserLoggedIn.type:
+                verb = "resumed" if payload.get("resumed") else "logged in"
+                details = f"node {_name(payload.get('node'))}, session {_name(payload.get('session'))}"
+                return head + self._paint(_OTHER, f"* {_name(payload['name'])} {verb} ({details})") + "\n"
+        except (AttributeError, KeyError, TypeError):
+            pass  # not the shape this version knows: print it as it is
+        raw = orjson.dumps(payload).decode().translate(_NAME_TABLE)
+        return head + self._paint(_OTHER, f"* {_name(type_)} {raw}") + "\n"
+
+
+def _name(value: Any) -> str:
+    return str(value).translate(_NAME_TABLE)
+
+
+def renderer_for(format_: str, *, color: bool = False, header: bool = True) -> Renderer:
+    if format_ == "text":
+        return TextRenderer(color=color)
+    if format_ == "csv":
+        return CsvRenderer(header=header)
+    return JsonlRenderer()
