@@ -54,6 +54,14 @@ def notices(page: Page) -> list[str]:
     )
 
 
+def presence(page: Page) -> list[str]:
+    """The join and leave lines only."""
+    return page.eval_on_selector_all(
+        "#chatList li.chat-join, #chatList li.chat-leave",
+        "els => els.map(el => el.querySelector('.notice').textContent)",
+    )
+
+
 def users(page: Page) -> list[str]:
     return page.eval_on_selector_all("#userList .user-name", "els => els.map(el => el.textContent)")
 

@@ -34,6 +34,7 @@
     self.pendingLogin = null; // a name typed on the login screen, not answered yet
     self.resumeToken = null;
     self.homeModel = null;
+    self.lostNotice = null;   // the "Connection lost." line, dropped again if the server resumes us
     self.timers = {};
 
     self.init = function () {
@@ -163,7 +164,7 @@
       self.connection.set({ state: 'disconnected', name: '' });
       if (self.homeModel && self.homeModel.get('online')) {
         self.homeModel.endSession();
-        self.homeModel.addNotice('Connection lost.');
+        self.lostNotice = self.homeModel.addNotice('Connection lost.');
       }
     });
 
@@ -195,9 +196,14 @@
         return; // not asked for
       }
       self.homeModel.startSession(_.extend({}, data, { name: self.me }));
-      if (reconnected) {
-        self.homeModel.addNotice(data.resumed ? 'Reconnected.' : 'Reconnected: logged in again as ' + self.me + '.');
+      if (reconnected && data.resumed) {
+        // The server replays everything missed: nothing was lost after all.
+        self.homeModel.chats.remove(self.lostNotice);
+      } else if (reconnected) {
+        // History fills in what it can, above this line.
+        self.homeModel.addNotice('Reconnected: logged in again as ' + self.me + '.');
       }
+      self.lostNotice = null;
       self.connection.set({ state: 'connected', name: self.me });
       self.chatClient.requestOnlineUsers();
     });

@@ -142,7 +142,7 @@
     },
 
     addNotice: function (text) {
-      this.chats.add({ kind: 'notice', message: text, after: this.horizon });
+      return this.chats.add({ kind: 'notice', message: text, after: this.horizon });
     },
 
     addPresence: function (kind, name, meta) {
