@@ -6,8 +6,9 @@ Reads the log of the database the server uses (CHAT_DATABASE_URL or
 is opened read-only (and never created), PostgreSQL in read-only transactions.
 
 Speed: on SQLite the database renders whole chunks of output (see the bulk
-reads at the end of store.py); on PostgreSQL rows come through an asyncpg
-server-side cursor. Memory stays constant whatever the size of the log.
+reads at the end of store.py), so Python moves chunks of bytes, not rows; on
+PostgreSQL rows come through an asyncpg server-side cursor and are rendered
+here. Memory stays constant whatever the size of the log.
 """
 
 from __future__ import annotations
@@ -18,11 +19,7 @@ import re
 import signal
 import sqlite3
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -413,10 +410,8 @@ def sqlite_path(url: str) -> Path:
     return Path(database)
 
 
-def open_sqlite(url: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
+def open_sqlite(url: str) -> sqlite3.Connection:
     """A read-only connection to the log's file: a missing file is not created."""
-    from .store import replay_sqlite_tables
-
     path = sqlite_path(url)
     if not path.exists():
         raise ReplayError(
@@ -424,13 +419,13 @@ def open_sqlite(url: str, *, check_same_thread: bool = True) -> sqlite3.Connecti
             f"no database at {path.resolve()} (from {url}): point CHAT_DATABASE_URL or --database-url at "
             f"the server's database, or create it: {MIGRATE_HINT}",
         )
+    from .store import replay_sqlite_tables
     try:
         conn = sqlite3.connect(
             f"file:{quote(str(path.resolve()))}?mode=ro",
             uri=True,
             isolation_level=None,  # autocommit: each read sees the latest commit
             timeout=10,
-            check_same_thread=check_same_thread,
         )
     except sqlite3.Error as exc:
         raise ReplayError(EXIT_UNREACHABLE, f"cannot open {path}: {exc}") from None
@@ -447,44 +442,6 @@ def open_sqlite(url: str, *, check_same_thread: bool = True) -> sqlite3.Connecti
     return conn
 
 
-# A long jsonl dump is cut into windows of positions that threads render side
-# by side, each on its own read-only connection (sqlite3 lets go of the GIL
-# while SQLite works), and written in order, a few windows in flight at most.
-WINDOW = 8192
-THREADS = min(4, os.cpu_count() or 1)
-
-
-def jsonl_in_windows(url: str, f: ReplayFilter, threads: int = THREADS) -> Iterator[tuple[bytes, int, int]]:
-    from .store import replay_sqlite_jsonl_chunk
-
-    assert f.through is not None
-    local = threading.local()
-    opened: list[sqlite3.Connection] = []
-    lock = threading.Lock()
-
-    def render(window: ReplayFilter) -> tuple[bytes | None, int, int]:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = open_sqlite(url, check_same_thread=False)
-            with lock:
-                opened.append(conn)
-        return replay_sqlite_jsonl_chunk(conn, window)
-
-    pool = ThreadPoolExecutor(threads, thread_name_prefix=PROG)
-    pending: deque[Future[tuple[bytes | None, int, int]]] = deque()
-    try:
-        for low in range(f.after, f.through, WINDOW):
-            pending.append(pool.submit(render, replace(f, after=low, through=min(low + WINDOW, f.through))))
-            while len(pending) >= 2 * threads or (pending and low + WINDOW >= f.through):
-                text, count, last = pending.popleft().result()
-                if text is not None:
-                    yield text, count, last
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for conn in opened:
-            conn.close()
-
-
 def replay_sqlite(options: Options, out: Output, progress: Progress) -> None:
     from .store import replay_sqlite_head, replay_sqlite_jsonl, replay_sqlite_rows, replay_sqlite_tail_after
 
@@ -492,18 +449,15 @@ def replay_sqlite(options: Options, out: Output, progress: Progress) -> None:
     job = Replay(options, out, progress)
 
     def dump(f: ReplayFilter) -> None:
-        assert f.through is not None
         if job.satisfied:
             return
-        if options.format != "jsonl":
-            for rows in replay_sqlite_rows(conn, f, limit=job.remaining):
-                job.wrote(job.renderer.render(rows), len(rows), rows[-1][0])
-        elif job.remaining is None and THREADS > 1 and f.through - f.after > 2 * WINDOW:
-            for text, count, last in jsonl_in_windows(options.url, f):
-                job.wrote(text, count, last)
-        else:
+        if options.format == "jsonl":
+            # SQLite renders the lines: Python only moves chunks of bytes.
             for text, count, last in replay_sqlite_jsonl(conn, f, limit=job.remaining):
                 job.wrote(text, count, last)
+        else:
+            for rows in replay_sqlite_rows(conn, f, limit=job.remaining):
+                job.wrote(job.renderer.render(rows), len(rows), rows[-1][0])
 
     try:
         head = replay_sqlite_head(conn)

@@ -297,15 +297,15 @@ def replay_sqlite_tail_after(conn: Any, f: ReplayFilter, count: int) -> int:
     return f.after if row is None else row[0] - 1
 
 
-def _sqlite_chunk(conn: Any, f: ReplayFilter, item: str, glue: str, limit: int | None) -> tuple[Any, int, int]:
+def _sqlite_chunk(conn: Any, f: ReplayFilter, item: str, glue: str, limit: int) -> tuple[Any, int, int]:
     # One statement aggregates the chunk's rows in position order: the inner
     # ORDER BY holds because SQLite never flattens a subquery with ORDER BY
-    # into an aggregate query. LIMIT -1 is no limit.
+    # into an aggregate query.
     where, params = _replay_where(f, "sqlite")
     return conn.execute(
         f"SELECT {glue}, count(*), coalesce(max(position), 0) FROM "
         f"(SELECT {item} AS item, position FROM events WHERE {where} ORDER BY position LIMIT ?)",
-        (*params, -1 if limit is None else limit),
+        (*params, limit),
     ).fetchone()
 
 
@@ -338,15 +338,6 @@ def replay_sqlite_jsonl(
     by SQLite; every line ends in a newline.
     """
     yield from _sqlite_chunks(conn, f, _SQLITE_JSONL_LINE, _SQLITE_JSONL_GLUE, limit, chunk)
-
-
-def replay_sqlite_jsonl_chunk(conn: Any, f: ReplayFilter) -> tuple[bytes | None, int, int]:
-    """Every event the filter matches as jsonl in one chunk: (lines or None, count, last position).
-
-    For windows of positions (``after`` and ``through`` set) that threads
-    render side by side, each on its own connection.
-    """
-    return _sqlite_chunk(conn, f, _SQLITE_JSONL_LINE, _SQLITE_JSONL_GLUE, None)
 
 
 def replay_sqlite_rows(
