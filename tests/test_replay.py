@@ -1,0 +1,661 @@
+"""chat-replay, the history CLI, run as the real console script against logs
+written by the real server and real Socket.IO clients (SQLite, PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatserver.database import create_engine
+from chatserver.store import EventStore
+from tests.support import Client, free_port, migrated_sqlite, running_server, settings_for
+
+REPLAY_SCRIPT = Path(sys.executable).parent / "chat-replay"
+REPLAY = [str(REPLAY_SCRIPT)] if REPLAY_SCRIPT.exists() else [sys.executable, "-m", "chatserver.replay"]
+
+INDENT_BOB = " " * len("2026-11-25 21:55:13Z <bob> ")
+
+# The log the scenario writes: (position, user, type, payload) with payloads in
+# the order the server writes their keys; logins (None) carry a session.
+SCENARIO: list[tuple[int, str, str, dict[str, Any] | None]] = [
+    (1, "alice", "UserLoggedIn", None),
+    (2, "alice", "UserJoined", {"name": "alice", "room": "lobby"}),
+    (3, "bob", "UserLoggedIn", None),
+    (4, "bob", "UserJoined", {"name": "bob", "room": "lobby"}),
+    (5, "alice", "MessagePosted", {"sender": "alice", "message": "hello bob", "room": "lobby"}),
+    (6, "bob", "MessagePosted", {"sender": "bob", "message": "hi alice\nhow are you?\tfine", "room": "lobby"}),
+    (7, "alice", "MessagePosted", {"sender": "alice", "message": '<b>bold</b> & "quotes" é 😀', "room": "lobby"}),
+    (8, "bob", "UserLeft", {"name": "bob", "reason": "disconnected", "room": "lobby"}),
+    (9, "carol", "UserLoggedIn", None),
+    (10, "carol", "UserJoined", {"name": "carol", "room": "lobby"}),
+    (11, "carol", "MessagePosted", {"sender": "carol", "message": "bye all", "room": "lobby"}),
+    (12, "carol", "UserLeft", {"name": "carol", "reason": "disconnected", "room": "lobby"}),
+    (13, "alice", "UserLeft", {"name": "alice", "reason": "disconnected", "room": "lobby"}),
+]
+LOGINS = [1, 3, 9]
+TEXT = {  # the transcript line of each position after its time
+    2: "* alice joined",
+    4: "* bob joined",
+    5: "<alice> hello bob",
+    6: "<bob> hi alice\n" + INDENT_BOB + "how are you?\tfine",
+    7: '<alice> <b>bold</b> & "quotes" é 😀',
+    8: "* bob left (disconnected)",
+    10: "* carol joined",
+    11: "<carol> bye all",
+    12: "* carol left (disconnected)",
+    13: "* alice left (disconnected)",
+}
+
+
+def message(position: int) -> str:
+    payload = SCENARIO[position - 1][3]
+    assert payload is not None
+    return payload["message"]
+
+
+async def write_scenario(url: str) -> None:
+    """SCENARIO, through a real server and real clients."""
+    async with running_server(settings_for(url)) as server:
+        alice = await Client(server.url).connect()
+        await alice.login("alice")
+        bob = await Client(server.url).connect()
+        await bob.login("bob")
+        for who, position in [(alice, 5), (bob, 6), (alice, 7)]:
+            assert (await who.call("chat", message(position)))["ok"]
+        await bob.disconnect()
+        await alice.wait_for(lambda: "bob" in alice.events("userLeft"))
+        carol = await Client(server.url).connect()
+        await carol.login("carol")
+        assert (await carol.call("chat", message(11)))["ok"]
+        await carol.disconnect()
+        await alice.wait_for(lambda: "carol" in alice.events("userLeft"))
+        await alice.disconnect()
+        await wait_for_head(url, len(SCENARIO))  # alice's leave lands after her socket closes
+
+
+async def wait_for_head(url: str, position: int, timeout: float = 10) -> None:
+    engine = create_engine(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while await EventStore(engine).head() < position:
+            assert time.monotonic() < deadline, f"the log never reached position {position}"
+            await asyncio.sleep(0.05)
+    finally:
+        await engine.dispose()
+
+
+@dataclass
+class Row:
+    position: int
+    stream: str
+    type: str
+    time: str  # ISO 8601 UTC with microseconds and Z
+    payload_text: str  # as stored (SQLite) or re-encoded in writer order (PostgreSQL)
+    payload: dict[str, Any]
+
+    @property
+    def stamp(self) -> str:
+        return f"{self.time[:10]} {self.time[11:19]}Z"
+
+    def jsonl(self) -> str:
+        return (
+            f'{{"position":{self.position},"stream":{json.dumps(self.stream)},"type":{json.dumps(self.type)},'
+            f'"time":{json.dumps(self.time)},"payload":{self.payload_text}}}'
+        )
+
+    def text(self) -> str:
+        if self.type == "UserLoggedIn":
+            p = self.payload
+            return f"{self.stamp} * {p['name']} logged in (node {p['node']}, session {p['session']})"
+        return f"{self.stamp} {TEXT[self.position]}"
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def sqlite_rows(url: str) -> list[Row]:
+    path = url.split(":///", 1)[1]
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT position, stream, type, recorded_at, payload FROM events ORDER BY position"
+        ).fetchall()
+    return [
+        Row(p, s, t, iso(datetime.fromisoformat(r).replace(tzinfo=UTC)), payload, json.loads(payload))
+        for p, s, t, r, payload in rows
+    ]
+
+
+def check_scenario(rows: list[Row]) -> None:
+    assert [r.position for r in rows] == [p for p, *_ in SCENARIO]
+    for row, (position, user, type_, payload) in zip(rows, SCENARIO, strict=True):
+        assert (row.position, row.stream, row.type) == (position, f"user-{user}", type_)
+        if payload is None:
+            assert list(row.payload)[:3] == ["name", "session", "node"] and row.payload["name"] == user
+        else:
+            assert row.payload == payload and list(row.payload) == list(payload)
+
+
+@dataclass
+class Log:
+    url: str
+    rows: list[Row]
+
+    def at(self, *positions: int) -> list[Row]:
+        return [r for r in self.rows if r.position in positions]
+
+    def jsonl(self, positions: Sequence[int]) -> str:
+        return "".join(r.jsonl() + "\n" for r in self.at(*positions))
+
+    def text(self, positions: Sequence[int]) -> str:
+        return "".join(r.text() + "\n" for r in self.at(*positions))
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> Log:
+    url = migrated_sqlite(tmp_path_factory.mktemp("replay"))
+    asyncio.run(write_scenario(url))
+    rows = sqlite_rows(url)
+    check_scenario(rows)
+    return Log(url, rows)
+
+
+def replay_env(url: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CHAT_DATABASE_URL", "NO_COLOR")}
+    if url is not None:
+        env["CHAT_DATABASE_URL"] = url
+    env.update(extra)
+    return env
+
+
+def replay(url: str | None, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*REPLAY, *args],
+        env=replay_env(url, **env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=60,
+    )
+
+
+def replay_all(url: str, cases: Sequence[Sequence[str]]) -> list[subprocess.CompletedProcess[str]]:
+    """Run several chat-replay commands side by side (the suite stays quick)."""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda args: replay(url, *args), cases))
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0 and result.stderr == "", (result.args, result.returncode, result.stderr)
+    return result.stdout
+
+
+ALL = [p for p, *_ in SCENARIO]
+SHOWN = [p for p in ALL if p not in LOGINS]  # the transcript leaves logins out
+
+
+# -- formats --------------------------------------------------------------------
+
+
+def csv_line(r: Row) -> str:
+    quoted = r.payload_text.replace('"', '""')
+    return f'{r.position},{r.stream},{r.type},{r.time},"{quoted}"\n'
+
+
+def test_formats_exact(log: Log) -> None:
+    text, jsonl, csv_out, bare_csv, colour = replay_all(
+        log.url,
+        [[], ["--format", "jsonl"], ["--format", "csv"], ["--format", "csv", "--no-header", "--type", "chat"],
+         ["--color", "always", "--tail", "2", "--type", "chat,join"]],
+    )
+    assert ok(text) == log.text(SHOWN)
+    assert ok(jsonl) == log.jsonl(ALL)
+    # jsonl is the documented schema: these keys, these types.
+    for line, row in zip(jsonl.stdout.splitlines(), log.rows, strict=True):
+        obj = json.loads(line)
+        assert list(obj) == ["position", "stream", "type", "time", "payload"]
+        assert obj["position"] == row.position and obj["payload"] == row.payload
+        assert obj["time"].endswith("Z") and datetime.fromisoformat(obj["time"]).tzinfo is not None
+    header = "position,stream,type,time,payload\n"
+    assert ok(csv_out) == header + "".join(csv_line(r) for r in log.rows)
+    assert ok(bare_csv) == "".join(csv_line(r) for r in log.at(5, 6, 7, 11))
+    ten, eleven = log.at(10, 11)
+    assert ok(colour) == (
+        f"\x1b[2m{ten.stamp}\x1b[0m \x1b[32m* carol joined\x1b[0m\n"
+        f"\x1b[2m{eleven.stamp}\x1b[0m \x1b[1m<carol>\x1b[0m bye all\n"
+    )
+
+
+def test_text_shows_logins_when_asked(log: Log) -> None:
+    logins, with_chat = replay_all(
+        log.url, [["--type", "login"], ["--type", "login", "--type", "chat", "--user", "bob"]]
+    )
+    assert ok(logins) == log.text(LOGINS)
+    assert ok(with_chat) == log.text([3, 6])
+    assert "* bob logged in (node local, session " in with_chat.stdout
+
+
+def test_no_color_when_piped_or_asked(log: Log) -> None:
+    never, auto_pipe = replay_all(log.url, [["--color", "never", "--limit", "1"], ["--limit", "1"]])
+    assert ok(never) == ok(auto_pipe) == log.text([2])
+
+
+# -- filters --------------------------------------------------------------------
+
+
+def test_each_filter(log: Log) -> None:
+    t = {r.position: r.time for r in log.rows}
+    cases: list[tuple[list[str], list[int]]] = [
+        (["--user", "bob"], [3, 4, 6, 8]),
+        (["--user", "bob", "--user", "carol"], [3, 4, 6, 8, 9, 10, 11, 12]),
+        (["--type", "chat"], [5, 6, 7, 11]),
+        (["--type", "join,leave", "--type", "login"], [1, 2, 3, 4, 8, 9, 10, 12, 13]),
+        (["--after", "7"], [8, 9, 10, 11, 12, 13]),
+        (["--limit", "3"], [1, 2, 3]),
+        (["--tail", "2"], [12, 13]),
+        (["--since", t[5]], list(range(5, 14))),
+        (["--until", t[8]], list(range(1, 8))),
+        (["--since", "1h"], ALL),
+        (["--room", "lobby"], SHOWN),  # logins have no room
+    ]
+    results = replay_all(log.url, [["--format", "jsonl", *args] for args, _ in cases])
+    for (args, positions), result in zip(cases, results, strict=True):
+        assert ok(result) == log.jsonl(positions), args
+
+
+def test_filters_combine(log: Log) -> None:
+    t = {r.position: r.time for r in log.rows}
+    cases: list[tuple[list[str], list[int]]] = [
+        (["--since", t[5], "--until", t[9]], [5, 6, 7, 8]),  # 9 and 10 share their commit's time
+        (["--user", "alice", "--type", "chat", "--after", "5"], [7]),
+        (["--type", "chat", "--tail", "1", "--user", "bob"], [6]),
+        (["--user", "carol", "--since", t[9], "--tail", "2"], [11, 12]),
+        (["--room", "lobby", "--type", "chat,leave", "--after", "9", "--limit", "2"], [11, 12]),
+    ]
+    results = replay_all(log.url, [["--format", "jsonl", *args] for args, _ in cases])
+    for (args, positions), result in zip(cases, results, strict=True):
+        assert ok(result) == log.jsonl(positions), args
+    # The transcript applies the same filters (and leaves logins out).
+    text, tail = replay_all(log.url, [["--user", "bob"], ["--tail", "3", "--type", "join,leave,chat"]])
+    assert ok(text) == log.text([4, 6, 8])
+    assert ok(tail) == log.text([11, 12, 13])
+
+
+def replay_in_process(url: str, *args: str) -> tuple[int, str, str]:
+    """main() in this process: for the many small filter cases (no start-up cost)."""
+    from chatserver import replay as replay_module
+
+    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        code = replay_module.main(["--database-url", url, *args])
+    finally:
+        sys.stdout, sys.stderr = saved
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    out.flush()
+    return code, out.buffer.getvalue().decode(), err.getvalue()  # type: ignore[attr-defined]
+
+
+def test_filter_edges_and_more_combinations(log: Log) -> None:
+    t = {r.position: r.time for r in log.rows}
+    cases: list[tuple[list[str], list[int]]] = [
+        (["--user", "nobody"], []),
+        (["--type", "join", "--type", "leave"], [2, 4, 8, 10, 12, 13]),
+        (["--type", "UserLoggedIn"], LOGINS),
+        (["--after", "13"], []),
+        (["--after", "0"], ALL),
+        (["--limit", "0"], []),
+        (["--tail", "0"], []),
+        (["--tail", "100"], ALL),
+        (["--until", "1h"], []),
+        (["--since", "2000-01-01"], ALL),
+        (["--since", "2h", "--until", "1h"], []),
+        (["--room", "kitchen"], []),
+        (["--user", "alice", "--type", "chat"], [5, 7]),
+        (["--user", "alice", "--type", "chat", "--limit", "1"], [5]),
+        (["--type", "chat", "--tail", "2"], [7, 11]),
+        (["--type", "leave", "--after", "8", "--limit", "1"], [12]),
+        (["--type", "join", "--since", t[4], "--until", t[10]], [4]),
+        (["--tail", "3", "--after", "11"], [12, 13]),
+        (["--tail", "2", "--until", t[9]], [7, 8]),
+        (["--since", t[13].replace("Z", "+00:00").replace("T", " ")], [13]),
+    ]
+    for args, positions in cases:
+        assert replay_in_process(log.url, "--format", "jsonl", *args) == (0, log.jsonl(positions), ""), args
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+def test_usage_errors_exit_2_with_one_line(log: Log) -> None:
+    cases = [
+        ["--since", "yesterday"],
+        ["--until", "2026-13-45"],
+        ["--since", "2026-01-02", "--until", "2026-01-01"],
+        ["--type", "shout"],
+        ["--limit", "-1"],
+        ["--tail", "many"],
+        ["--after", "x"],
+        ["--limit", "1", "--tail", "1"],
+        ["--follow", "--until", "1h"],
+        ["--format", "xml"],
+        ["--user", ""],
+        ["--interval", "0"],
+        ["--bogus"],
+        ["--database-url", "mysql://u@h/db"],
+        ["--database-url", "not a url"],
+    ]
+    for args, result in zip(cases, replay_all(log.url, cases), strict=True):
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stdout == ""
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("chat-replay: "), (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_missing_database_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing-here.db"
+    result = replay(f"sqlite+aiosqlite:///{missing}")
+    assert result.returncode == 3 and result.stdout == ""
+    assert "alembic upgrade head" in result.stderr and result.stderr.count("\n") == 1
+    # The default URL (chat.db in the working directory) is not created either.
+    default = replay(None, cwd=tmp_path)
+    assert default.returncode == 3 and "chat.db" in default.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unmigrated_and_unreadable_databases(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    result = replay(f"sqlite:///{empty}")
+    assert result.returncode == 3 and "alembic upgrade head" in result.stderr and result.stderr.count("\n") == 1
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    result = replay(f"sqlite:///{junk}")
+    assert result.returncode == 4 and "not a database" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_unreachable_postgres_exits_4() -> None:
+    port = free_port()  # nothing listens there
+    result = replay(f"postgresql+asyncpg://postgres:secret@127.0.0.1:{port}/chat")
+    assert result.returncode == 4, result.stderr
+    assert f"cannot reach PostgreSQL at 127.0.0.1:{port}" in result.stderr
+    assert result.stderr.count("\n") == 1 and "secret" not in result.stderr
+
+
+# -- pipes ----------------------------------------------------------------------
+
+
+def seed_bulk(url: str, count: int) -> None:
+    """Many plain chats written straight into the table (for pipes and windows)."""
+    path = url.split(":///", 1)[1]
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO events (position, stream, version, type, payload, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    i,
+                    f"user-u{i % 7}",
+                    i,
+                    "MessagePosted",
+                    json.dumps({"sender": f"u{i % 7}", "message": f"message number {i} " + "x" * 40, "room": "lobby"},
+                               separators=(",", ":")),
+                    f"2026-01-01 00:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}000",
+                )
+                for i in range(1, count + 1)
+            ),
+        )
+
+
+@pytest.fixture(scope="module")
+def bulk(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = migrated_sqlite(tmp_path_factory.mktemp("bulk"))
+    seed_bulk(url, 40_000)  # a few MB of jsonl: more than any pipe buffer
+    return url
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text"])
+def test_head_closes_the_pipe_cleanly(bulk: str, fmt: str) -> None:
+    replay_proc = subprocess.Popen(
+        [*REPLAY, "--format", fmt], env=replay_env(bulk), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    head = subprocess.run(["head", "-1"], stdin=replay_proc.stdout, capture_output=True, timeout=60)
+    assert replay_proc.stdout is not None
+    replay_proc.stdout.close()
+    _, err = replay_proc.communicate(timeout=60)
+    assert head.stdout.count(b"\n") == 1
+    assert replay_proc.returncode == 0 and err == b""
+
+
+def test_long_dumps_cross_chunks_in_order(bulk: str) -> None:
+    # SQLite renders jsonl 4096 events at a time: no event lost or repeated
+    # at a chunk's edge, whatever the limit.
+    whole, limited, across, tail = replay_all(bulk, [
+        ["--format", "jsonl"],
+        ["--format", "jsonl", "--limit", "10000"],
+        ["--format", "jsonl", "--after", "4095", "--limit", "2"],
+        ["--format", "jsonl", "--tail", "3"],
+    ])
+    lines = ok(whole).splitlines()
+    assert [json.loads(line)["position"] for line in lines] == list(range(1, 40_001))
+    assert ok(limited).splitlines() == lines[:10_000]
+    assert ok(across).splitlines() == lines[4095:4097]
+    assert ok(tail).splitlines() == lines[-3:]
+
+
+def test_progress_only_on_a_terminal(bulk: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatserver import replay as replay_module
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    class Piped(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return False
+
+    err = Terminal()
+    out = Piped(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(replay_module.Progress, "DELAY", 0.0)
+    monkeypatch.setattr(replay_module.Progress, "EVERY", 0.0)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setenv("CHAT_DATABASE_URL", bulk)
+    try:
+        assert replay_module.main(["--format", "jsonl"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "chat-replay: " in err.getvalue() and "events, position " in err.getvalue()
+    assert err.getvalue().endswith("\r\x1b[K")  # the progress line is cleared
+    out.flush()
+    assert out.buffer.getvalue().count(b"\n") == 40_000  # type: ignore[attr-defined]
+
+
+# -- follow (with the server running) -------------------------------------------
+
+
+async def start_follow(url: str, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *REPLAY, "--follow", "--interval", "0.05", *args,
+        env=replay_env(url), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def read_lines(proc: asyncio.subprocess.Process, count: int, timeout: float = 15) -> list[str]:
+    assert proc.stdout is not None
+    return [
+        (await asyncio.wait_for(proc.stdout.readline(), timeout)).decode() for _ in range(count)
+    ]
+
+
+async def stop(proc: asyncio.subprocess.Process) -> tuple[int, bytes, bytes]:
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+def positions(lines: list[str]) -> list[int]:
+    return [json.loads(line)["position"] for line in lines]
+
+
+async def test_follow_sqlite_prints_new_events_once(db_url: str) -> None:
+    async with running_server(settings_for(db_url)) as server:
+        alice = await Client(server.url).connect()
+        await alice.login("alice")
+        everything = await start_follow(db_url, "--format", "jsonl")
+        chats = await start_follow(db_url, "--type", "chat", "--user", "bob")
+        tail = await start_follow(db_url, "--tail", "1", "--format", "jsonl")
+        try:
+            assert positions(await read_lines(everything, 2)) == [1, 2]
+            assert positions(await read_lines(tail, 1)) == [2]
+            bob = await Client(server.url).connect()
+            await bob.login("bob")
+            await bob.call("chat", "first")
+            await alice.call("chat", "from alice")
+            await bob.call("chat", "second\nline")
+            assert positions(await read_lines(everything, 5)) == [3, 4, 5, 6, 7]
+            lines = await read_lines(chats, 3)
+            assert [lines[0][21:], lines[1][21:], lines[2]] == ["<bob> first\n", "<bob> second\n", " " * 27 + "line\n"]
+            await bob.disconnect()
+            assert positions(await read_lines(everything, 1)) == [8]
+            assert positions(await read_lines(tail, 6)) == [3, 4, 5, 6, 7, 8]
+        finally:
+            results = [await stop(p) for p in (everything, chats, tail)]
+            await alice.disconnect()
+    for code, rest, err in results:
+        assert (code, err) == (0, b""), err.decode()
+        assert rest == b""  # nothing printed twice, nothing left
+
+
+async def test_follow_with_limit_stops_by_itself(db_url: str) -> None:
+    async with running_server(settings_for(db_url)) as server:
+        alice = await Client(server.url).connect()
+        await alice.login("alice")
+        proc = await start_follow(db_url, "--format", "jsonl", "--type", "chat", "--limit", "2")
+        try:
+            await asyncio.sleep(0.3)
+            for text in ("one", "two", "three"):
+                await alice.call("chat", text)
+            out, err = await asyncio.wait_for(proc.communicate(), 15)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await alice.disconnect()
+    assert (proc.returncode, err) == (0, b"")
+    assert [json.loads(line)["payload"]["message"] for line in out.decode().splitlines()] == ["one", "two"]
+
+
+async def test_follow_reader_going_away_exits_quietly(db_url: str) -> None:
+    async with running_server(settings_for(db_url)) as server:
+        alice = await Client(server.url).connect()
+        await alice.login("alice")
+        read_end, write_end = os.pipe()
+        proc = subprocess.Popen(
+            [*REPLAY, "--follow", "--interval", "0.05"],
+            env=replay_env(db_url),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+        )
+        os.close(write_end)
+        try:
+            first = await asyncio.to_thread(os.read, read_end, 65536)
+            assert first.endswith(b"* alice joined\n")
+            os.close(read_end)  # like `head -1` exiting
+            for i in range(50):
+                await alice.call("chat", f"into the void {i}")
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            _, err = await asyncio.to_thread(proc.communicate, None, 15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            await alice.disconnect()
+    assert (proc.returncode, err) == (0, b"")
+
+
+# -- PostgreSQL -------------------------------------------------------------------
+
+
+async def pg_rows(url: str) -> list[Row]:
+    import asyncpg
+
+    from chatserver.replay_format import written_order
+
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        records = await conn.fetch(
+            "SELECT position, stream, type, recorded_at, payload::text FROM events ORDER BY position"
+        )
+    finally:
+        await conn.close()
+    rows = []
+    for position, stream, type_, recorded_at, payload_text in records:
+        payload = json.loads(payload_text)
+        if type_ != "UserLoggedIn":  # the scenario's literal key order
+            payload = next(p for pos, _, _, p in SCENARIO if pos == position) or payload
+            assert json.loads(payload_text) == payload
+        else:
+            payload = written_order(type_, payload)
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        rows.append(Row(position, stream, type_, iso(recorded_at), text, payload))
+    return rows
+
+
+@pytest.mark.postgres
+async def test_postgres_dump_filters_and_follow(pg_url: str) -> None:
+    await write_scenario(pg_url)
+    rows = await pg_rows(pg_url)
+    check_scenario(rows)
+    pg = Log(pg_url, rows)
+
+    cases = [["--format", "jsonl"], [], ["--user", "alice", "--type", "chat", "--tail", "1", "--format", "jsonl"]]
+    jsonl, text, chats = await asyncio.gather(*(asyncio.to_thread(replay, pg_url, *args) for args in cases))
+    assert ok(jsonl) == pg.jsonl(ALL)  # the same bytes as from SQLite: keys in writer order
+    assert ok(text) == pg.text(SHOWN)
+    assert ok(chats) == pg.jsonl([7])
+
+    async with running_server(settings_for(pg_url)) as server:
+        proc = await start_follow(pg_url, "--format", "jsonl", "--tail", "1")
+        try:
+            assert positions(await read_lines(proc, 1)) == [13]
+            dave = await Client(server.url).connect()
+            await dave.login("dave")
+            await dave.call("chat", "hello from postgres")
+            lines = await read_lines(proc, 3)
+            assert positions(lines) == [14, 15, 16]
+            payload = json.loads(lines[2])["payload"]
+            assert payload == {"sender": "dave", "message": "hello from postgres", "room": "lobby"}
+            assert list(payload) == ["sender", "message", "room"]  # as from SQLite, not jsonb's order
+            await dave.disconnect()
+        finally:
+            code, rest, err = await stop(proc)
+    assert (code, err) == (0, b""), err.decode()
+    assert positions(rest.decode().splitlines()) in ([], [17])  # dave's leave, if it came before the stop
+
+
+@pytest.mark.postgres
+def test_postgres_missing_or_unmigrated_database_exit_3(postgres: Any) -> None:
+    bare = postgres.create_database("chat_bare")
+    result = replay(bare)
+    assert result.returncode == 3 and "alembic upgrade head" in result.stderr, result.stderr
+    missing = bare.rsplit("/", 1)[0] + "/no_such_db"
+    result = replay(missing)
+    assert result.returncode == 3 and "no_such_db" in result.stderr and result.stderr.count("\n") == 1
