@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 LOBBY = "lobby"
 
@@ -51,7 +51,7 @@ class UserLeft:
     room: str = LOBBY
 
 
-DomainEvent = Union[UserLoggedIn, UserJoined, MessagePosted, UserLeft]
+DomainEvent = UserLoggedIn | UserJoined | MessagePosted | UserLeft
 
 EVENT_TYPES: dict[str, type[DomainEvent]] = {
     cls.type: cls for cls in (UserLoggedIn, UserJoined, MessagePosted, UserLeft)

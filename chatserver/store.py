@@ -118,7 +118,7 @@ class EventStore:
     # -- reading ---------------------------------------------------------
     async def head(self) -> int:
         async with self.engine.connect() as conn:
-            return (await conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0)))).scalar_one()
+            return int((await conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0)))).scalar_one())
 
     async def stream_head(self, stream: str) -> StreamHead:
         query = (
