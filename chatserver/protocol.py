@@ -85,11 +85,17 @@ def live_packet(stored: StoredEvent) -> tuple[str, Any] | None:
     event = stored.event
     if isinstance(event, MessagePosted):
         return CHAT, chat_payload(stored)
+    # A join or leave keeps the seed's bare name as its first argument; a
+    # second argument {position, time} lets a client track its position.
     if isinstance(event, UserJoined):
-        return USER_JOINED, event.name
+        return USER_JOINED, (event.name, event_meta(stored))
     if isinstance(event, UserLeft):
-        return USER_LEFT, event.name
+        return USER_LEFT, (event.name, event_meta(stored))
     return None
+
+
+def event_meta(stored: StoredEvent) -> dict[str, Any]:
+    return {"position": stored.position, "time": iso_time(stored)}
 
 
 def error_payload(event: str, error: DomainError) -> dict[str, Any]:

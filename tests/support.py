@@ -186,13 +186,16 @@ class Client:
         self.url = url
         self.sio = socketio.AsyncClient(reconnection=False)
         self.received: list[tuple[str, Any]] = []
+        self.extra: list[tuple[str, list[Any]]] = []
         self._changed = asyncio.Event()
         for event in self.EVENTS:
             self.sio.on(event, self._recorder(event))
 
     def _recorder(self, event: str) -> Any:
         async def record(*args: Any) -> None:
-            self.received.append((event, args[0] if len(args) == 1 else (list(args) or None)))
+            # The first argument is the seed's payload; extensions may add more.
+            self.received.append((event, args[0] if args else None))
+            self.extra.append((event, list(args[1:])))
             self._changed.set()
 
         return record

@@ -28,6 +28,9 @@ async def test_login_welcome_then_joined_then_online_users(server: InProcessServ
         assert welcome["name"] == "alice" and isinstance(welcome["position"], int)
         assert welcome["resumed"] is False and len(welcome["resumeToken"]) >= 40
         assert a.events("history") == [{"items": [], "reachedStart": True}]
+        # userJoined keeps the bare name first; {position, time} comes second.
+        [(_, meta)] = [x for x in a.extra if x[0] == "userJoined"]
+        assert meta[0]["position"] == welcome["position"] + 1 and meta[0]["time"].endswith("Z")
     finally:
         await a.disconnect()
 
