@@ -4,9 +4,11 @@ sync API, and small actions on the chat page."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from playwright.sync_api import Page, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -20,15 +22,30 @@ CHROMIUM_ARGS = [
 ]
 
 # Generous for a loaded CI machine; a passing run waits far less.
-expect.set_options(timeout=10_000)
+TIMEOUT_MS = 10_000
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+def wait_until(page: Page, predicate: str, arg: Any = None, describe: Callable[[], Any] | None = None) -> None:
+    """Wait until the JavaScript `predicate(arg)` is true on the page, checked
+    every animation frame (expect() backs off to one check a second)."""
+    try:
+        page.wait_for_function(predicate, arg=arg, timeout=TIMEOUT_MS)
+    except PlaywrightTimeoutError:
+        raise AssertionError(f"timed out waiting for {predicate} ({arg!r}); now: {describe() if describe else '?'}") from None
 
 
 def login(page: Page, name: str) -> None:
     """Log in from the login screen and wait for the lobby."""
     page.fill("#nameInput", name)
     page.press("#nameInput", "Enter")
-    expect(page.locator("#chatInput")).to_be_visible()
-    expect(page.locator("#status .conn-name")).to_have_text(f"as {name}")
+    wait_until(
+        page,
+        "name => document.querySelector('#chatInput') !== null &&"
+        " document.querySelector('#status .conn-name')?.textContent === 'as ' + name",
+        name,
+        lambda: page.inner_text("body"),
+    )
 
 
 def send(page: Page, text: str) -> None:
@@ -67,16 +84,26 @@ def users(page: Page) -> list[str]:
 
 
 def expect_users(page: Page, names: list[str]) -> None:
-    expect(page.locator("#userList .user-name")).to_have_text(names)
-    expect(page.locator("#userCount")).to_have_text(str(len(names)))
+    """The online-users panel lists exactly `names`, and its badge counts them."""
+    wait_until(
+        page,
+        "names => JSON.stringify([...document.querySelectorAll('#userList .user-name')].map(e => e.textContent))"
+        " === JSON.stringify(names) && document.querySelector('#userCount').textContent === String(names.length)",
+        names,
+        lambda: (users(page), page.inner_text("#userCount")),
+    )
 
 
 def expect_chat(page: Page, sender: str, message: str) -> None:
-    line = page.locator("#chatList li.chat-chat").filter(
-        has=page.locator(".message", has_text=message)
+    """Exactly one chat line shows `message`, from `sender`."""
+    wait_until(
+        page,
+        "([sender, message]) => [...document.querySelectorAll('#chatList li.chat-chat')].some(li =>"
+        " li.querySelector('.sender').textContent === sender && li.querySelector('.message').textContent === message)",
+        [sender, message],
+        lambda: chats(page)[-5:],
     )
-    expect(line.locator(".sender")).to_have_text([sender])
-    expect(line.locator(".message")).to_have_text([message])
+    assert [c for c in chats(page) if c[1] == message] == [(sender, message)]
 
 
 def scroll_state(page: Page) -> dict[str, Any]:

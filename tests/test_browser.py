@@ -24,6 +24,7 @@ from tests.browser_helpers import (
     scroll_state,
     send,
     users,
+    wait_until,
 )
 from tests.support import ROOT, ServerProcess, migrated_sqlite
 
@@ -46,11 +47,13 @@ def browser() -> Iterator[Browser]:
 
 class ServerPool:
     """A fresh server (own database) for each test, started in the background
-    while the previous test runs: a server takes a second or two to boot."""
+    while the previous test runs, and stopped in the background after it: a
+    server takes a second or two to boot."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.starter = ThreadPoolExecutor(max_workers=1)
+        self.stopper = ThreadPoolExecutor(max_workers=1)
         self.count = 0
         migrated_sqlite(directory)  # the migrated template, made once, here
         self.next = self._launch()
@@ -59,16 +62,20 @@ class ServerPool:
         self.count += 1
         folder = self.directory / f"server-{self.count}"
         folder.mkdir()
-        return self.executor.submit(lambda: ServerProcess(migrated_sqlite(folder)).start())
+        return self.starter.submit(lambda: ServerProcess(migrated_sqlite(folder)).start())
 
     def take(self) -> ServerProcess:
         ready, self.next = self.next, self._launch()
         return ready.result()
 
+    def stop_later(self, server: ServerProcess) -> None:
+        self.stopper.submit(server.terminate)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.next.result().terminate()
-        self.executor.shutdown()
+            self.stop_later(self.next.result())
+        self.starter.shutdown()
+        self.stopper.shutdown()  # waits for every stop
 
 
 @pytest.fixture(scope="module")
@@ -81,36 +88,36 @@ def server_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool
 
 
 class Servers:
-    """Chat server processes for one test, all stopped at its end."""
+    """The chat servers of one test."""
 
-    def __init__(self, tmp_path: Path, pool: ServerPool) -> None:
-        self.db = migrated_sqlite(tmp_path)
+    def __init__(self, pool: ServerPool) -> None:
         self.pool = pool
         self.started: list[ServerProcess] = []
         self._default: ServerProcess | None = None
 
-    def start(self, port: int | None = None, **env: str) -> ServerProcess:
-        """A server on this test's own database (same port: a restart)."""
-        server = ServerProcess(self.db, port=port, **env).start()
-        self.started.append(server)
-        return server
-
     @property
     def default(self) -> ServerProcess:
-        """The test's server with default settings, from the pool."""
+        """The test's server (default settings, its own database)."""
         if self._default is None:
             self._default = self.pool.take()
             self.started.append(self._default)
         return self._default
 
+    def restart(self, server: ServerProcess) -> ServerProcess:
+        """A new server process on the same port and database."""
+        assert server.proc is not None and server.proc.poll() is not None, "stop it first"
+        again = ServerProcess(server.database_url, port=server.port).start()
+        self.started.append(again)
+        return again
+
     def stop_all(self) -> None:
         for server in self.started:
-            server.terminate()
+            self.pool.stop_later(server)
 
 
 @pytest.fixture
-def servers(tmp_path: Path, server_pool: ServerPool) -> Iterator[Servers]:
-    servers = Servers(tmp_path, server_pool)
+def servers(server_pool: ServerPool) -> Iterator[Servers]:
+    servers = Servers(server_pool)
     try:
         yield servers
     finally:
@@ -131,7 +138,7 @@ def new_page(browser: Browser, servers: Servers) -> Iterator[PageFactory]:
         page = context.new_page()
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto((server or servers.default).url)
-        expect(page.locator("#status .conn")).to_have_class(re.compile(r"\bconn-connected\b"))
+        wait_until(page, "() => document.querySelector('#status .conn-connected') !== null")
         return page
 
     yield open_page
@@ -299,7 +306,7 @@ def test_scrolls_only_when_at_the_bottom(new_page: PageFactory) -> None:
 
 
 def test_server_restart_reconnects_and_logs_in_again(new_page: PageFactory, servers: Servers) -> None:
-    server = servers.start()
+    server = servers.default
     page = new_page(server)
     login(page, "carol")
     send(page, "before restart")
@@ -311,7 +318,7 @@ def test_server_restart_reconnects_and_logs_in_again(new_page: PageFactory, serv
     expect(status).to_contain_text("Disconnected")
     expect(page.locator(".home-screen")).to_have_class(re.compile(r"\boffline\b"))
 
-    servers.start(port=server.port)  # same port, same database
+    servers.restart(server)  # same port, same database
     expect(status).to_have_class(re.compile(r"\bconn-connected\b"), timeout=15_000)
     expect(page.locator("#status .conn-name")).to_have_text("as carol")
     expect(page.locator(".home-screen")).not_to_have_class(re.compile(r"\boffline\b"))
@@ -360,30 +367,31 @@ def test_reconnect_shows_what_was_missed_once(new_page: PageFactory) -> None:
     assert sorted(users(away)) == ["away", "talker"]
 
 
-def test_history_on_entering_and_paging_back(new_page: PageFactory, servers: Servers) -> None:
-    server = servers.start(CHAT_HISTORY_SIZE="3")
-    first = new_page(server)
+def test_history_on_entering_and_paging_back(new_page: PageFactory) -> None:
+    first = new_page()
     login(first, "first")
-    sent = [f"message {i}" for i in range(1, 6)]
-    for message in sent:
-        send(first, message)
+    sent = [f"message {i}" for i in range(1, 54)]
+    first.evaluate("texts => texts.forEach(t => ChatApp.controller.viewEventBus.trigger('chat', t))", sent)
     expect_chat(first, "first", sent[-1])
 
-    late = new_page(server)
+    late = new_page()
     login(late, "late")
-    # The last three items before the login, then the live join line.
-    expect(late.locator("#chatList li")).to_have_text(
-        [re.compile(r"first\s*message 3"), re.compile(r"first\s*message 4"),
-         re.compile(r"first\s*message 5"), re.compile(r"late joined room\.")]
-    )
+    # The server's last 50 items before the login (default CHAT_HISTORY_SIZE),
+    # then the live join line.
+    lines = late.locator("#chatList li")
+    expect(lines).to_have_count(51)
+    expect(lines.first).to_have_text(re.compile(r"first\s*message 4\b"))
+    expect(lines.last).to_have_text(re.compile(r"late joined room\."))
+    assert chats(late) == [("first", m) for m in sent[3:]]
+
     older = late.locator("#chatOlder [data-action=older]")
     expect(older).to_be_visible()
     older.click()
     expect(late.locator("#chatOlder")).to_contain_text("Start of the conversation")
+    expect(lines).to_have_count(55)
     assert chats(late) == [("first", m) for m in sent]
     assert notices(late) == ["first joined room.", "late joined room."]
-    first_line = late.locator("#chatList li").first
-    expect(first_line).to_have_text(re.compile(r"first joined room\."))
+    expect(lines.first).to_have_text(re.compile(r"first joined room\."))
 
 
 LONG_WORD = "Supercalifragilistic" * 8
