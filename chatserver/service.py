@@ -42,6 +42,7 @@ from .writer import EventWriter
 log = logging.getLogger(__name__)
 
 RESUME_ATTEMPTS = 3
+FOLLOW_INTERVAL = 0.2  # seconds between looks at the shared log when idle
 
 
 class Publisher(Protocol):
@@ -111,6 +112,9 @@ class ChatService:
         # The position of the last event the dispatcher has published.
         self._dispatched = 0
         self._first_visible_position: int | None = None
+        # The position the live projections (online, recent) have applied.
+        self._applied = 0
+        self._poller: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self, writer_engine: Any) -> None:
@@ -132,8 +136,11 @@ class ChatService:
         if ghosts:
             log.info("closed %d session(s) left open by the previous run", len(ghosts))
         self.recent.apply_all(await self.store.latest(limit=self.settings.history_size, types=VISIBLE_TYPES))
-        self._dispatched = await self.store.head()
+        self._dispatched = self._applied = await self.store.head()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="outbox-dispatcher")
+        if self.settings.redis_url:
+            # Other processes share the log: keep the live views in step.
+            self._poller = asyncio.create_task(self._poll_log(), name="log-follower")
 
     async def close_sessions(self, reason: str = LEFT_SERVER_SHUTDOWN) -> None:
         """Record the leave of every logged-in socket (graceful shutdown)."""
@@ -143,7 +150,7 @@ class ChatService:
         await asyncio.gather(*(self._leave(s, reason) for s in sessions))
 
     async def stop(self) -> None:
-        for task in list(self._catch_ups.values()):
+        for task in [*self._catch_ups.values(), *([self._poller] if self._poller else [])]:
             task.cancel()
         await self.writer.close()
         await self._outbox.put(("stop", None))
@@ -380,14 +387,18 @@ class ChatService:
                 if kind == "stop":
                     return
                 if kind == "events":
+                    if item[0].position > self._applied + 1:
+                        # Another process appended in between (shared log).
+                        await self._follow_log(until=item[0].position - 1)
                     for stored in item:
                         # Marked before publishing: a catch-up that sees this
                         # position replays the event itself and joins after
                         # the broadcast took its recipients.
                         self._dispatched = stored.position
-                        self.online.apply(stored)
+                        self._apply(stored)
                         await self._publish(stored)
-                        self.recent.apply(stored)
+                elif kind == "follow":
+                    await self._follow_log()
                 elif kind == "reply":
                     sid, event, data = item
                     await self.publisher.send(sid, event, data())
@@ -395,6 +406,26 @@ class ChatService:
                     await self.publisher.disconnect(item)
             except Exception:
                 log.exception("failed to emit %s", kind)
+
+    def _apply(self, stored: StoredEvent) -> None:
+        """Apply to the live projections, once, in position order."""
+        if stored.position > self._applied:
+            self.online.apply(stored)
+            self.recent.apply(stored)
+            self._applied = stored.position
+
+    async def _follow_log(self, until: int | None = None) -> None:
+        """Apply what other processes appended to the shared log (their
+        broadcasts reached our sockets through the Redis manager)."""
+        before = None if until is None else until + 1
+        async for stored in self.store.read(after=self._applied, before=before):
+            self._apply(stored)
+
+    async def _poll_log(self) -> None:
+        while True:
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            if self._outbox.empty():
+                self._outbox.put_nowait(("follow", None))
 
     async def _publish(self, stored: StoredEvent) -> None:
         event = stored.event

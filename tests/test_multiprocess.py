@@ -69,8 +69,20 @@ async def test_two_processes_share_log_names_and_broadcasts(postgres: Postgres, 
             assert sorted(m["message"] for m in client.events("chat")) == ["from one", "from two"]
         # bobby joined on the other process: alice saw it through Redis.
         await a.wait_for(lambda: "bobby" in a.events("userJoined"))
+        # Each process follows the shared log: both list both users, and a
+        # newcomer on either gets the history both wrote.
+        for client in (a, b):
+            deadline = asyncio.get_running_loop().time() + 5
+            while sorted(await client.call("onlineUsers")) != ["alice", "bobby"]:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.1)
+        d = await Client(two.url).connect()
+        await d.login("dora")
+        items = d.events("history")[0]["items"]
+        assert sorted(i["message"] for i in items if i["kind"] == "chat") == ["from one", "from two"]
+        await d.disconnect()
         await b.disconnect()
-        await a.wait_for(lambda: a.events("userLeft") == ["bobby"])
+        await a.wait_for(lambda: a.events("userLeft") == ["dora", "bobby"])
     finally:
         for client in (a, b, c):
             if client is not None:
