@@ -96,4 +96,4 @@ async def test_two_processes_share_log_names_and_broadcasts(postgres: Postgres, 
         await engine.dispose()
     assert [e.position for e in log] == list(range(1, len(log) + 1))
     nodes = {e.event.name: e.event.node for e in log if e.type == "UserLoggedIn"}
-    assert nodes == {"alice": "one", "bobby": "two"}
+    assert nodes == {"alice": "one", "bobby": "two", "dora": "two"}
