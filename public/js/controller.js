@@ -90,6 +90,20 @@
       self.chatClient.login(self.me);
     };
 
+    // The re-login was refused: try again shortly, for a while, then give up
+    // and show the login screen with `error`.
+    self.retryRelogin = function (error) {
+      if (self.reloginTries >= RELOGIN_TRIES) {
+        self.loggedOut(error);
+        return;
+      }
+      self.later('relogin', RELOGIN_RETRY_MS, function () {
+        if (self.chatClient.connected()) {
+          self.relogin();
+        }
+      });
+    };
+
     // -- view bus ----------------------------------------------------------
 
     self.viewEventBus.on('login', function (name) {
@@ -224,15 +238,7 @@
       } else if (self.me) {
         // Most likely our own previous connection, not yet timed out on the
         // server: try again for a while before giving the name up.
-        if (self.reloginTries >= RELOGIN_TRIES) {
-          self.loggedOut('Name already exists');
-        } else {
-          self.later('relogin', RELOGIN_RETRY_MS, function () {
-            if (self.chatClient.connected()) {
-              self.relogin();
-            }
-          });
-        }
+        self.retryRelogin('Name already exists');
       }
     });
 
@@ -288,6 +294,16 @@
     });
 
     self.appEventBus.on('protocolError', function (error) {
+      if (error.event === 'login' && error.code !== 'already_logged_in') {
+        // Refused for another reason than the name (e.g. server_error).
+        if (self.pendingLogin !== null) {
+          self.pendingLogin = null;
+          self.loginModel.refused(error.message || 'Could not log in: try again.');
+        } else if (self.me) {
+          self.retryRelogin(error.message || 'Could not log in again.');
+        }
+        return;
+      }
       // Chat refusals are shown from the chat's acknowledgement; the rest are
       // races around reconnecting (e.g. a chat sent just before a drop).
       if (window.console && error.event !== 'chat') {
