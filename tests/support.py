@@ -22,6 +22,9 @@ from aiohttp import web
 
 from chatserver.app import create_app
 from chatserver.config import Settings
+from chatserver.database import create_engine
+from chatserver.events import StoredEvent
+from chatserver.store import EventStore
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -68,6 +71,15 @@ def migrated_sqlite(directory: Path, name: str = "chat.db") -> str:
     target = directory / name
     shutil.copyfile(_template, target)
     return sqlite_url(target)
+
+
+async def log_of(database_url: str) -> list[StoredEvent]:
+    """The whole event log, read through the store."""
+    engine = create_engine(database_url)
+    try:
+        return await EventStore(engine).read_all()
+    finally:
+        await engine.dispose()
 
 
 def settings_for(database_url: str, **overrides: Any) -> Settings:

@@ -6,17 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from chatserver.database import create_engine
-from chatserver.store import EventStore
-from tests.support import Client, InProcessServer, running_server, settings_for
-
-
-async def log_of(db_url: str) -> list:
-    engine = create_engine(db_url)
-    try:
-        return await EventStore(engine).read_all()
-    finally:
-        await engine.dispose()
+from tests.support import Client, InProcessServer, log_of, running_server, settings_for
 
 
 def chats(c: Client) -> list[str]:

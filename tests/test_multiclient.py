@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from chatserver.database import create_engine
-from chatserver.store import EventStore
-from tests.support import Client, InProcessServer
+from tests.support import Client, InProcessServer, log_of
 
 
 async def read_log(db_url: str) -> list[tuple[str, str, int, str]]:
-    engine = create_engine(db_url)
-    try:
-        return [
-            (e.type, e.stream, e.version, getattr(e.event, "message", getattr(e.event, "name", "")))
-            for e in await EventStore(engine).read_all()
-        ]
-    finally:
-        await engine.dispose()
+    return [
+        (e.type, e.stream, e.version, getattr(e.event, "message", getattr(e.event, "name", "")))
+        for e in await log_of(db_url)
+    ]
 
 
 async def test_join_chat_leave_seen_by_logged_in_only_and_logged(server: InProcessServer, db_url: str) -> None:

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chatserver.database import create_engine
-from chatserver.store import EventStore
-from tests.support import Client, Postgres, ServerProcess, free_port, migrate
+from tests.support import Client, Postgres, ServerProcess, free_port, log_of, migrate
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
@@ -89,11 +87,7 @@ async def test_two_processes_share_log_names_and_broadcasts(postgres: Postgres, 
                 await client.disconnect()
         await asyncio.to_thread(one.terminate)
         await asyncio.to_thread(two.terminate)
-    engine = create_engine(url)
-    try:
-        log = await EventStore(engine).read_all()
-    finally:
-        await engine.dispose()
+    log = await log_of(url)
     assert [e.position for e in log] == list(range(1, len(log) + 1))
     nodes = {e.event.name: e.event.node for e in log if e.type == "UserLoggedIn"}
     assert nodes == {"alice": "one", "bobby": "two", "dora": "two"}

@@ -11,15 +11,14 @@ from pathlib import Path
 from chatserver import projections
 from chatserver.database import create_engine
 from chatserver.store import EventStore
-from tests.support import ROOT, Client, ServerProcess, migrated_sqlite, sqlite_url
-
-
-async def log_of(db_url: str) -> list:
-    engine = create_engine(db_url)
-    try:
-        return await EventStore(engine).read_all()
-    finally:
-        await engine.dispose()
+from tests.support import (
+    ROOT,
+    Client,
+    ServerProcess,
+    log_of,
+    migrated_sqlite,
+    sqlite_url,
+)
 
 
 async def persisted_online(db_url: str) -> list[str]:
