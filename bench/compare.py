@@ -323,10 +323,13 @@ class Bench:
                 log(f"npm ci in {target / sub}")
                 subprocess.run(
                     ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                    cwd=target / sub, check=True, timeout=300,
+                    cwd=target / sub, check=True, timeout=300, stdout=sys.stderr,
                 )
         shutil.copyfile(HERE / "idle.js", target / "loadgen" / "idle.js")
-        if self.args.ref:
+        if self.args.code:
+            self.code_root = Path(self.args.code).resolve()
+            log(f"measuring our server from {self.code_root}")
+        elif self.args.ref:
             # Measure the server as committed at --ref (e.g. a baseline), not
             # the working tree: export that commit into the scratch folder.
             self.code_root = self.scratch / "src"
@@ -505,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the shared bench folder (default <repo>/../shared/bench, env CHAT_BENCH_SHARED)")
     parser.add_argument("--venv", default=str(REPO / ".venv"), help="our virtualenv (default <repo>/.venv)")
     parser.add_argument("--ref", help="measure our server as committed at this git ref (default: the working tree)")
+    parser.add_argument("--code", help="measure our server from this folder (a copy of the repository)")
     parser.add_argument("--scratch", help="scratch folder to reuse (default: a new temporary folder, removed at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and databases")
     parser.add_argument("--repeat", type=int, default=3)

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import Settings
 from .database import check_migrated, create_engine
+from .fanout import FanoutManager, FanoutPublisher, FanoutServer
 from .service import ChatService
 from .sockets import SocketHandlers, SocketIOPublisher
 from .store import EventStore
@@ -29,10 +30,13 @@ WRITER_ENGINE = web.AppKey("writer_engine", AsyncEngine)
 
 
 def create_sio(settings: Settings) -> socketio.AsyncServer:
+    # FanoutServer: engine.io sockets write WebSocket frames directly (no
+    # permessage-deflate); FanoutManager: a broadcast is encoded once and
+    # written to every recipient without a task each (see fanout.py).
     manager = (
-        socketio.AsyncRedisManager(settings.redis_url) if settings.redis_url else None
+        socketio.AsyncRedisManager(settings.redis_url) if settings.redis_url else FanoutManager()
     )
-    return socketio.AsyncServer(
+    return FanoutServer(
         async_mode="aiohttp",
         client_manager=manager,
         max_http_buffer_size=settings.max_packet_bytes,
@@ -74,7 +78,8 @@ async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
         await check_migrated(read_engine)
         store = EventStore(read_engine)
         writer_factory = partial(EventWriter, store, writer_engine, max_batch=settings.max_batch)
-        service = ChatService(settings, store, writer_factory, SocketIOPublisher(sio))
+        publisher = FanoutPublisher(sio) if isinstance(sio.manager, FanoutManager) else SocketIOPublisher(sio)
+        service = ChatService(settings, store, writer_factory, publisher)
         await service.start(writer_engine)
         SocketHandlers(settings, service).register(sio)
         app[STORE] = store
