@@ -6,6 +6,7 @@ app starts, closed (pending appends committed first) when it stops.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -21,6 +22,8 @@ from .sockets import SocketHandlers, SocketIOPublisher
 from .store import EventStore
 from .web import setup_routes
 from .writer import EventWriter
+
+SHUTDOWN_GRACE = 2.0  # seconds a closing connection gets at shutdown
 
 SETTINGS = web.AppKey("settings", Settings)
 SIO = web.AppKey("sio", socketio.AsyncServer)
@@ -65,8 +68,15 @@ async def _close_connections(app: web.Application) -> None:
     # close every engine.io connection.
     await app[SERVICE].close_sessions()
     eio = app[SIO].eio
-    if eio.sockets:  # engine.io's disconnect-all fails on an empty server
-        await eio.disconnect()
+    # engine.io's close waits for the socket's send queue to drain, which
+    # never happens for a client that went away mid-shutdown (and browsers
+    # ignore engine.io's close packet): give them a moment, then move on.
+    closing = [asyncio.create_task(s.close(reason=eio.reason.SERVER_DISCONNECT)) for s in list(eio.sockets.values())]
+    if closing:
+        _done, pending = await asyncio.wait(closing, timeout=SHUTDOWN_GRACE)
+        for task in pending:
+            task.cancel()
+        eio.sockets.clear()
 
 
 async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
