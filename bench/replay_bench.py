@@ -210,6 +210,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed runs of each command; the best counts")
     parser.add_argument("--keep", type=Path, help="seed this file (kept) instead of a temporary one; reused if present")
     parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "text"], help="the format to time")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every run")
     args = parser.parse_args()
 
     shell = shutil.which("sqlite3")
@@ -251,6 +252,8 @@ def main() -> int:
         for _ in range(args.runs):
             for label, (cmd, cmd_env) in commands.items():
                 wall, used = timed(cmd, cmd_env)
+                if args.verbose:
+                    print(f"  {label:<28} {wall:8.3f} s, CPU {used:.3f} s", flush=True)
                 best[label] = min(best[label], wall)
                 cpu[label] = min(cpu[label], used)
 

@@ -596,6 +596,10 @@ def _stdout_gone() -> None:
         pass
 
 
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -603,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(sys.stdout.buffer)
     progress = Progress(_progress_stream())
     # SIGTERM stops like Ctrl-C (a supervisor ending a --follow).
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         try:
             if backend(options.url) == "sqlite":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -103,6 +104,8 @@ class CsvRenderer:
 _ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 _NAME_TABLE = str.maketrans(_ESCAPES)
 _MESSAGE_TABLE = str.maketrans({k: v for k, v in _ESCAPES.items() if chr(k) not in "\t\n"})
+_NAME_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_MESSAGE_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 _RESET = "\x1b[0m"
 _DIM = "\x1b[2m"
@@ -146,7 +149,11 @@ class TextRenderer:
             if type_ == MessagePosted.type:
                 sender = f"<{_name(payload['sender'])}>"
                 indent = "\n" + " " * (len(stamp) + 1 + len(where) + len(sender) + 1)
-                message = str(payload["message"]).translate(_MESSAGE_TABLE).replace("\n", indent)
+                message = str(payload["message"])
+                if _MESSAGE_CONTROL.search(message):
+                    message = message.translate(_MESSAGE_TABLE)
+                if "\n" in message:
+                    message = message.replace("\n", indent)
                 return f"{head}{where}{self._paint(_BOLD, sender)} {message}\n"
             if type_ == UserJoined.type:
                 return head + self._paint(_JOINED, f"{where}* {_name(payload['name'])} joined") + "\n"
@@ -165,7 +172,8 @@ class TextRenderer:
 
 
 def _name(value: Any) -> str:
-    return str(value).translate(_NAME_TABLE)
+    text = str(value)
+    return text.translate(_NAME_TABLE) if _NAME_CONTROL.search(text) else text
 
 
 def renderer_for(format_: str, *, color: bool = False, header: bool = True) -> Renderer:

@@ -251,6 +251,28 @@ def test_text_shows_logins_when_asked(log: Log) -> None:
     assert "* bob logged in (node local, session " in with_chat.stdout
 
 
+def test_transcript_escapes_control_characters() -> None:
+    # The server refuses control characters (but tabs and newlines) in names
+    # and messages; a log written by other means must still not drive the
+    # reader's terminal. Rendered here directly, as the server can't write it.
+    from chatserver.replay_format import TextRenderer
+
+    time_ = "2026-11-25T21:55:13.000001Z"
+    rows = [
+        [1, "user-a", "MessagePosted", time_, {"sender": "a\x1bb", "message": "\x1b[31mred\x07\n\tnext\x85"}],
+        [2, "user-a", "UserJoined", time_, {"name": "bob", "room": "dev"}],
+        [3, "user-a", "SomethingNew", time_, {"name": "\x1b"}],
+        [4, "user-a", "UserLeft", time_, {"nom": "bob"}],
+    ]
+    assert TextRenderer().render(rows).decode() == (
+        "2026-11-25 21:55:13Z <a\\x1bb> \\x1b[31mred\\x07\n"
+        + " " * len("2026-11-25 21:55:13Z <a\\x1bb> ") + "\tnext\\x85\n"
+        "2026-11-25 21:55:13Z #dev * bob joined\n"
+        '2026-11-25 21:55:13Z * SomethingNew {"name":"\\u001b"}\n'
+        '2026-11-25 21:55:13Z * UserLeft {"nom":"bob"}\n'
+    )
+
+
 def test_no_color_when_piped_or_asked(log: Log) -> None:
     never, auto_pipe = replay_all(log.url, [["--color", "never", "--limit", "1"], ["--limit", "1"]])
     assert ok(never) == ok(auto_pipe) == log.text([2])
