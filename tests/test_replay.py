@@ -648,11 +648,18 @@ async def test_postgres_dump_filters_and_follow(pg_url: str) -> None:
     check_scenario(rows)
     pg = Log(pg_url, rows)
 
-    cases = [["--format", "jsonl"], [], ["--user", "alice", "--type", "chat", "--tail", "1", "--format", "jsonl"]]
-    jsonl, text, chats = await asyncio.gather(*(asyncio.to_thread(replay, pg_url, *args) for args in cases))
+    t = {r.position: r.time for r in rows}
+    cases = [
+        ["--format", "jsonl"],
+        [],
+        ["--user", "alice", "--type", "chat", "--tail", "1", "--format", "jsonl"],
+        ["--since", t[5], "--until", t[9], "--room", "lobby", "--format", "csv", "--no-header"],
+    ]
+    jsonl, text, chats, window = await asyncio.gather(*(asyncio.to_thread(replay, pg_url, *args) for args in cases))
     assert ok(jsonl) == pg.jsonl(ALL)  # the same bytes as from SQLite: keys in writer order
     assert ok(text) == pg.text(SHOWN)
     assert ok(chats) == pg.jsonl([7])
+    assert ok(window) == "".join(csv_line(r) for r in pg.at(5, 6, 7, 8))
 
     async with running_server(settings_for(pg_url)) as server:
         proc = await start_follow(pg_url, "--format", "jsonl", "--tail", "1")
