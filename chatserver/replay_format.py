@@ -42,7 +42,7 @@ def written_order(type_: str, payload: Any) -> Any:
     after the known ones.
     """
     fields = _FIELDS.get(type_)
-    if not fields or not isinstance(payload, dict):
+    if not fields or not isinstance(payload, dict) or tuple(payload) == fields:
         return payload
     ordered = {key: payload[key] for key in fields if key in payload}
     if len(ordered) != len(payload):
