@@ -420,6 +420,7 @@ def open_sqlite(url: str) -> sqlite3.Connection:
             f"the server's database, or create it: {MIGRATE_HINT}",
         )
     from .store import replay_sqlite_tables
+
     try:
         conn = sqlite3.connect(
             f"file:{quote(str(path.resolve()))}?mode=ro",
