@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
 
     print(f"chatserver on http://{settings.host}:{settings.port} ({settings.database_url})", flush=True)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, loop=loop, print=None)
+    try:
+        web.run_app(create_app(settings), host=settings.host, port=settings.port, loop=loop, print=None)
+    except OSError as exc:
+        print(f"chatserver: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 
