@@ -421,3 +421,61 @@ async def test_server_disconnect_reaches_the_client(db_url: str, transports: lis
             await asyncio.wait_for(gone.wait(), 10)
         finally:
             await c.disconnect()
+
+
+# -- the SQLite writer's own thread ----------------------------------------------
+
+
+async def test_sqlite_writer_commits_in_its_thread_durably(db_url: str) -> None:
+    import threading
+
+    from chatserver.database import create_engine
+    from chatserver.events import MessagePosted, NewEvent, UserJoined, UserLoggedIn, user_stream
+    from chatserver.store import ConcurrencyError, EventStore
+    from chatserver.writer import EventWriter
+
+    read_engine = create_engine(db_url)
+    writer_engine = create_engine(db_url, writer=True)
+    threads: list[str] = []
+    commits: list[list[int]] = []
+
+    async def hook(conn: Any, stored: list[Any]) -> None:
+        threads.append(threading.current_thread().name)
+        pragmas = [
+            (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+            for name in ("journal_mode", "synchronous")
+        ]
+        assert pragmas == ["wal", 2]  # WAL, synchronous=FULL
+
+    writer = EventWriter(
+        EventStore(read_engine), writer_engine, in_transaction=[hook],
+        on_commit=lambda stored: commits.append([s.position for s in stored]),
+    )
+    writer.start()
+    try:
+        stream = user_stream("alice")
+        login = [
+            NewEvent(stream, 1, UserLoggedIn("alice", "s1", "local")),
+            NewEvent(stream, 2, UserJoined("alice")),
+        ]
+        first = writer.submit(login)
+        chats = [writer.submit([NewEvent(stream, 3 + i, MessagePosted("alice", f"m{i}"))]) for i in range(5)]
+        stored = await first
+        await asyncio.gather(*chats)
+        # One transaction for everything submitted in one loop turn, in its thread.
+        assert writer.batches == 1 and commits == [[1, 2, 3, 4, 5, 6, 7]]
+        assert threads and all(t.startswith("event-writer") for t in threads)
+        # Committed before the future resolved: visible to another connection.
+        async with read_engine.connect() as conn:
+            count = (await conn.exec_driver_sql("SELECT count(*) FROM events")).scalar()
+        assert count == 7 and stored[0].position == 1
+        # A taken (stream, version) fails only the request that took it.
+        taken = writer.submit([NewEvent(stream, 3, MessagePosted("alice", "again"))])
+        fine = writer.submit([NewEvent(stream, 8, MessagePosted("alice", "next"))])
+        with pytest.raises(ConcurrencyError):
+            await taken
+        assert [s.position for s in await fine] == [8]
+    finally:
+        await writer.close()
+        await writer_engine.dispose()
+        await read_engine.dispose()
