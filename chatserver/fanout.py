@@ -119,7 +119,6 @@ class DirectSocket(async_socket.AsyncSocket):
     # set by _adopt()
     direct: bool
     _out: list[bytes]
-    _out_size: int
     _dirty: bool
     _dead: bool
     _ws: web.WebSocketResponse | None
@@ -132,7 +131,6 @@ class DirectSocket(async_socket.AsyncSocket):
     def _adopt(self, flusher: _Flusher, max_buffer: int) -> None:
         self.direct = False
         self._out = []
-        self._out_size = 0
         self._dirty = False
         self._dead = False
         self._ws = None
@@ -148,7 +146,6 @@ class DirectSocket(async_socket.AsyncSocket):
         if self._dead:
             return
         self._out.append(frame)
-        self._out_size += len(frame)
         if not self._dirty:
             self._dirty = True
             self._flusher.mark(self)
@@ -160,7 +157,6 @@ class DirectSocket(async_socket.AsyncSocket):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        self._out_size = 0
         transport = self._transport
         if self._dead or transport is None or transport.is_closing():
             return
