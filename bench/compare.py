@@ -488,7 +488,7 @@ def summarize(results: dict[str, dict[str, list[dict[str, Any]]]], servers: list
     return rows
 
 
-def print_table(rows: list[dict[str, Any]], servers: list[str], repeat: int) -> None:
+def print_table(rows: list[dict[str, Any]], servers: list[str], repeat: int, heading: str = "") -> None:
     digits = {m.key: m.digits for s in SCENARIOS.values() for m in s.metrics}
     head = ["figure", *servers]
     if "ratio" in (rows[0] if rows else {}):
@@ -504,7 +504,7 @@ def print_table(rows: list[dict[str, Any]], servers: list[str], repeat: int) -> 
             met = "" if "met" not in row else ("yes" if row["met"] else "NO")
             line += [fmt(row["ratio"], 2), target, met]
         lines.append(line)
-    print(f"\nMedians of {repeat} run(s); ratio = median of the per-run ratios ours/peer\n")
+    print(f"\n{heading}Medians of {repeat} run(s); ratio = median of the per-run ratios ours/peer\n")
     print("| " + " | ".join(lines[0]) + " |")
     print("|" + "|".join("---" for _ in lines[0]) + "|")
     for line in lines[1:]:
@@ -577,7 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         bench.stop_all()
 
     rows = summarize(results, args.servers)
-    print_table(rows, args.servers, args.repeat)
+    what = f"git {args.ref}" if args.ref else (str(bench.code_root) if args.code else "working tree")
+    print_table(rows, args.servers, args.repeat,
+                f"{started_at:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, our server: {what}. ")
     problems = [(n, k, i, p) for n, per in results.items() for k, runs in per.items()
                 for i, run in enumerate(runs) for p in run["problems"]]
     if problems:
