@@ -11,7 +11,11 @@ the event loop's poll show up as the loop's own frame.
     HOST=127.0.0.1 PORT=8080 CHAT_DATABASE_URL=... \\
         .venv/bin/python bench/profile_server.py --folded /tmp/stacks.txt
 
-Measure with it, never benchmark with it: sampling costs a little CPU.
+Measure with it, never benchmark with it: sampling costs a little CPU. Read
+it as a rough guide: Python runs signal handlers between bytecodes, so a
+sample taken during a long C call (a syscall, a database step, another
+thread holding the GIL) lands on the Python frame that runs next, and ticks
+that expire together are counted once.
 """
 
 from __future__ import annotations
