@@ -39,16 +39,22 @@ def create_engine(url: str, *, writer: bool = False, **kwargs: Any) -> AsyncEngi
         "json_deserializer": orjson.loads,
     }
     if sqlite and writer:
-        # One connection: appends have one writer (see writer.py).
-        options.update(pool_size=1, max_overflow=0)
+        if "poolclass" not in kwargs:
+            # One connection: appends have one writer (see writer.py).
+            options.update(pool_size=1, max_overflow=0)
+    elif sqlite:
+        # Reads run in autocommit (each statement sees one WAL snapshot), so
+        # a read is one round trip to aiosqlite's thread, not BEGIN, the
+        # query and a ROLLBACK when the connection goes back to the pool.
+        options.update(pool_reset_on_return=None)
     options.update(kwargs)
     engine = create_async_engine(url, **options)
     if sqlite:
-        _configure_sqlite(engine, begin="BEGIN IMMEDIATE" if writer else "BEGIN")
+        _configure_sqlite(engine, begin="BEGIN IMMEDIATE" if writer else None)
     return engine
 
 
-def _configure_sqlite(engine: AsyncEngine, *, begin: str) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, begin: str | None) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
@@ -57,6 +63,9 @@ def _configure_sqlite(engine: AsyncEngine, *, begin: str) -> None:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.close()
+
+    if begin is None:
+        return
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:

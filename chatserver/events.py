@@ -80,8 +80,15 @@ def user_stream(name: str) -> str:
     return f"user-{name}"
 
 
+# Field names per type, looked up once: dataclasses.asdict deep-copies and
+# showed up in the writer's profile.
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in EVENT_TYPES.values()
+}
+
+
 def to_payload(event: DomainEvent) -> dict[str, Any]:
-    return dataclasses.asdict(event)
+    return {name: getattr(event, name) for name in _FIELDS[type(event)]}
 
 
 def from_payload(type_: str, payload: dict[str, Any]) -> DomainEvent:

@@ -139,46 +139,81 @@ class ResumeGrant:
 # -- persistence -------------------------------------------------------------
 
 
+# Built once: the append path runs these for every batch.
+_DELETE_ONLINE = online_users_table.delete().where(online_users_table.c.name == sa.bindparam("gone"))
+_DELETE_GRANTS = resume_tokens_table.delete().where(resume_tokens_table.c.name == sa.bindparam("gone"))
+_UPDATE_POSITION = (
+    projection_positions_table.update()
+    .where(projection_positions_table.c.name == sa.bindparam("projection"))
+    .values(position=sa.bindparam("at"))
+)
+
+
+def _online_row(user: OnlineUser) -> dict[str, object]:
+    return {
+        "name": user.name,
+        "session": user.session,
+        "node": user.node,
+        "version": user.version,
+        "joined_position": user.joined_position,
+    }
+
+
+def _grant_row(stored: StoredEvent) -> dict[str, object] | None:
+    event = stored.event
+    assert isinstance(event, UserLoggedIn)
+    if not event.resume_hash:
+        return None
+    return {
+        "name": event.name,
+        "token_hash": event.resume_hash,
+        "session": event.session,
+        "issued_at": stored.recorded_at,
+        "position": stored.position,
+    }
+
+
 async def save(conn: AsyncConnection, stored: list[StoredEvent]) -> None:
-    """Mirror ``stored`` into the persisted projection, in the append's transaction."""
-    pending: dict[str, UserLoggedIn] = {}
+    """Mirror ``stored`` into the persisted projections, in the append's
+    transaction: the batch is folded to its net effect per name first, so a
+    batch costs a few statements however many events it holds."""
+    online: dict[str, dict[str, object] | None] = {}  # name -> row, or None: gone
+    grants: dict[str, dict[str, object] | None] = {}
+    logins: dict[str, UserLoggedIn] = {}
     for s in stored:
         event = s.event
         if isinstance(event, UserLoggedIn):
-            pending[event.name] = event
-            await _grant(conn, s)
+            logins[event.name] = event
+            grants[event.name] = _grant_row(s)
         elif isinstance(event, UserJoined):
             # A login and its join are always appended together.
-            login = pending.pop(event.name, None)
-            await conn.execute(
-                online_users_table.insert().values(
-                    name=event.name,
-                    session=login.session if login else "",
-                    node=login.node if login else "",
-                    version=s.version,
-                    joined_position=s.position,
+            login = logins.pop(event.name, None)
+            online[event.name] = _online_row(
+                OnlineUser(
+                    event.name,
+                    login.session if login else "",
+                    login.node if login else "",
+                    s.version,
+                    s.position,
                 )
             )
         elif isinstance(event, UserLeft):
-            await conn.execute(online_users_table.delete().where(online_users_table.c.name == event.name))
+            online[event.name] = None
+    await _replace(conn, online_users_table, _DELETE_ONLINE, online)
+    await _replace(conn, resume_tokens_table, _DELETE_GRANTS, grants)
     if stored:
         await _set_position(conn, ONLINE_USERS, stored[-1].position)
 
 
-async def _grant(conn: AsyncConnection, stored: StoredEvent) -> None:
-    event = stored.event
-    assert isinstance(event, UserLoggedIn)
-    await conn.execute(resume_tokens_table.delete().where(resume_tokens_table.c.name == event.name))
-    if event.resume_hash:
-        await conn.execute(
-            resume_tokens_table.insert().values(
-                name=event.name,
-                token_hash=event.resume_hash,
-                session=event.session,
-                issued_at=stored.recorded_at,
-                position=stored.position,
-            )
-        )
+async def _replace(
+    conn: AsyncConnection, table: sa.Table, delete: sa.Delete, changes: dict[str, dict[str, object] | None]
+) -> None:
+    if not changes:
+        return
+    await conn.execute(delete, [{"gone": name} for name in changes])
+    rows = [row for row in changes.values() if row is not None]
+    if rows:
+        await conn.execute(table.insert(), rows)
 
 
 async def find_grant(engine: AsyncEngine, token_hash: str) -> ResumeGrant | None:
@@ -195,11 +230,7 @@ async def find_grant(engine: AsyncEngine, token_hash: str) -> ResumeGrant | None
 
 
 async def _set_position(conn: AsyncConnection, name: str, position: int) -> None:
-    updated = await conn.execute(
-        projection_positions_table.update()
-        .where(projection_positions_table.c.name == name)
-        .values(position=position)
-    )
+    updated = await conn.execute(_UPDATE_POSITION, {"projection": name, "at": position})
     if updated.rowcount == 0:
         await conn.execute(projection_positions_table.insert().values(name=name, position=position))
 
@@ -246,18 +277,11 @@ async def rebuild(store: EventStore, writer_engine: AsyncEngine) -> OnlineUsers:
             if isinstance(stored.event, UserLoggedIn):
                 logins[stored.event.name] = stored
         await conn.execute(resume_tokens_table.delete())
-        for login in logins.values():
-            await _grant(conn, login)
+        grant_rows = [row for row in map(_grant_row, logins.values()) if row is not None]
+        if grant_rows:
+            await conn.execute(resume_tokens_table.insert(), grant_rows)
         await conn.execute(online_users_table.delete())
-        for u in view.users():
-            await conn.execute(
-                online_users_table.insert().values(
-                    name=u.name,
-                    session=u.session,
-                    node=u.node,
-                    version=u.version,
-                    joined_position=u.joined_position,
-                )
-            )
+        if len(view):
+            await conn.execute(online_users_table.insert(), [_online_row(u) for u in view.users()])
         await _set_position(conn, ONLINE_USERS, view.position)
     return view

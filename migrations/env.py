@@ -47,7 +47,9 @@ def do_run_migrations(connection: Connection) -> None:
 
 
 async def run_async_migrations() -> None:
-    engine = create_engine(_url(), poolclass=pool.NullPool)
+    # The writer's engine: on SQLite it opens real transactions (BEGIN
+    # IMMEDIATE), so a migration applies whole or not at all.
+    engine = create_engine(_url(), writer=True, poolclass=pool.NullPool)
     async with engine.connect() as connection:
         await connection.run_sync(do_run_migrations)
     await engine.dispose()

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from chatserver import projections
 from chatserver.app import SERVICE
 from chatserver.database import create_engine
@@ -54,6 +57,12 @@ def test_recent_history_keeps_the_last_visible_events() -> None:
     assert [e.position for e in recent.last(10, before=5)] == [3, 4]
 
 
+async def grants(engine: AsyncEngine) -> list[tuple]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(sa.select(projections.resume_tokens_table).order_by("name"))
+        return [tuple(r) for r in rows]
+
+
 async def test_rebuild_equals_the_live_projection(db_url: str) -> None:
     async with running_server(settings_for(db_url)) as srv:
         clients = [await Client(srv.url).connect() for _ in range(5)]
@@ -70,9 +79,12 @@ async def test_rebuild_equals_the_live_projection(db_url: str) -> None:
         writer = create_engine(db_url, writer=True)
         try:
             persisted = await projections.load(engine)
+            grants_live = await grants(engine)
             folded = await projections.fold(EventStore(engine))
             rebuilt = await projections.rebuild(EventStore(engine), writer)
             reloaded = await projections.load(engine)
+            assert await grants(engine) == grants_live
+            assert len(grants_live) == 5
         finally:
             await engine.dispose()
             await writer.dispose()
