@@ -49,6 +49,7 @@ from engineio import async_socket, exceptions as eio_exceptions
 from engineio import packet as eio_packet
 
 from . import protocol
+from .sockets import SocketIOPublisher
 
 log = logging.getLogger(__name__)
 
@@ -422,12 +423,12 @@ class FanoutManager(socketio.AsyncManager):
         return [eio for sid, eio in members_map.items() if sid not in skip]
 
 
-class FanoutPublisher:
+class FanoutPublisher(SocketIOPublisher):
     """The service's publisher on a ``FanoutManager``: emits go straight to
     the manager (no per-call logging and argument shuffling of ``sio.emit``)."""
 
     def __init__(self, sio: socketio.AsyncServer) -> None:
-        self.sio = sio
+        super().__init__(sio)
         self.manager = sio.manager
 
     async def send(self, sid: str, event: str, data: Any = None) -> None:
@@ -435,12 +436,3 @@ class FanoutPublisher:
 
     async def broadcast(self, event: str, data: Any = None) -> None:
         await self.manager.emit(event, data, "/", room=protocol.LOBBY_ROOM)
-
-    async def enter_lobby(self, sid: str) -> None:
-        await self.sio.enter_room(sid, protocol.LOBBY_ROOM)
-
-    async def leave_lobby(self, sid: str) -> None:
-        await self.sio.leave_room(sid, protocol.LOBBY_ROOM)
-
-    async def disconnect(self, sid: str) -> None:
-        await self.sio.disconnect(sid)
