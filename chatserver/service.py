@@ -30,18 +30,22 @@ from .events import (
     LEFT_SERVER_SHUTDOWN,
     LEFT_TAKEN_OVER,
     VISIBLE_TYPES,
+    NewEvent,
     StoredEvent,
+    UserJoined,
     UserLeft,
     UserLoggedIn,
     user_stream,
 )
 from .projections import OnlineUsers, RecentHistory
-from .store import ConcurrencyError, EventStore
+from .store import ConcurrencyError, EventStore, StreamHead
 from .writer import EventWriter
 
 log = logging.getLogger(__name__)
 
 RESUME_ATTEMPTS = 3
+EMPTY_STREAM = StreamHead(0, None)
+USER_PREFIX = user_stream("")
 FOLLOW_INTERVAL = 0.2  # seconds between looks at the shared log when idle
 
 
@@ -112,6 +116,8 @@ class ChatService:
         # The position of the last event the dispatcher has published.
         self._dispatched = 0
         self._first_visible_position: int | None = None
+        # User stream heads as this process knows them (see login).
+        self._heads: dict[str, StreamHead] = {}
         # The position the live projections (online, recent) have applied.
         self._applied = 0
         self._poller: asyncio.Task[None] | None = None
@@ -136,6 +142,11 @@ class ChatService:
         if ghosts:
             log.info("closed %d session(s) left open by the previous run", len(ghosts))
         self.recent.apply_all(await self.store.latest(limit=self.settings.history_size, types=VISIBLE_TYPES))
+        # Every user stream's head, so logins of known-offline names skip a read.
+        self._heads = {
+            stream: StreamHead(version, UserJoined.type if stream[len(USER_PREFIX) :] in self.online else UserLeft.type)
+            for stream, version in (await self.store.stream_versions(USER_PREFIX)).items()
+        }
         self._dispatched = self._applied = await self.store.head()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="outbox-dispatcher")
         if self.settings.redis_url:
@@ -171,12 +182,19 @@ class ChatService:
         if name in self._claims:
             raise domain.NameTaken(f"{name} is already online")
         session = self._claim(conn, name)
+        stream = user_stream(name)
         try:
-            head = await self.store.stream_head(user_stream(name))
-            new = domain.decide_login(
-                name, head, session=session.id, node=self.settings.node_id, resume_hash=hash_token(session.token)
-            )
-            stored = await self._submit_login(session, new)
+            # A name this process knows to be offline needs no read; anything
+            # else (online, or the log moved under us) is read from the store.
+            known = self._heads.get(stream, EMPTY_STREAM)
+            head = known if not known.online else await self.store.stream_head(stream)
+            try:
+                stored = await self._submit_login(session, self._decide_login(session, head))
+            except ConcurrencyError:
+                if head is not known:
+                    raise
+                head = await self.store.stream_head(stream)
+                stored = await self._submit_login(session, self._decide_login(session, head))
         except ConcurrencyError:
             self._release(session, conn)
             raise domain.NameTaken(f"{name} is already online") from None
@@ -185,6 +203,11 @@ class ChatService:
             raise
         await self._after_login(session)
         return stored
+
+    def _decide_login(self, session: Session, head: StreamHead) -> list[NewEvent]:
+        return domain.decide_login(
+            session.name, head, session=session.id, node=self.settings.node_id, resume_hash=hash_token(session.token)
+        )
 
     async def resume(self, sid: str, token: object, last_position: object) -> StoredEvent:
         """Come back under the name a resume token was issued for.
@@ -366,7 +389,14 @@ class ChatService:
                 del self._leaving[session.name]
             self._release(session)
 
+    def _note_heads(self, stored: list[StoredEvent]) -> None:
+        for s in stored:
+            known = self._heads.get(s.stream)
+            if known is None or s.version > known.version:
+                self._heads[s.stream] = StreamHead(s.version, s.type)
+
     def _committed(self, stored: list[StoredEvent]) -> None:
+        self._note_heads(stored)
         for s in stored:
             event = s.event
             if isinstance(event, UserLoggedIn):
@@ -419,6 +449,7 @@ class ChatService:
         broadcasts reached our sockets through the Redis manager)."""
         before = None if until is None else until + 1
         async for stored in self.store.read(after=self._applied, before=before):
+            self._note_heads([stored])
             self._apply(stored)
 
     async def _poll_log(self) -> None:

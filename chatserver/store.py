@@ -131,6 +131,16 @@ class EventStore:
             row = (await conn.execute(query)).first()
         return StreamHead(0, None) if row is None else StreamHead(row.version, row.type)
 
+    async def stream_versions(self, prefix: str) -> dict[str, int]:
+        """The current version of every stream whose name starts with ``prefix``."""
+        query = (
+            sa.select(events_table.c.stream, sa.func.max(events_table.c.version))
+            .where(events_table.c.stream.startswith(prefix, autoescape=True))
+            .group_by(events_table.c.stream)
+        )
+        async with self.engine.connect() as conn:
+            return {stream: int(version) for stream, version in (await conn.execute(query)).all()}
+
     def _select(
         self,
         *,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.support import Client, InProcessServer, log_of
+from tests.support import Client, InProcessServer, log_of, running_server, settings_for
 
 
 async def read_log(db_url: str) -> list[tuple[str, str, int, str]]:
@@ -121,3 +121,30 @@ async def test_chats_of_one_sender_keep_their_order_everywhere(server: InProcess
     for i in range(3):
         stored = [m for t, s, _v, m in log if t == "MessagePosted" and s == f"user-send{i}"]
         assert stored == [f"{i}:{k}" for k in range(n)]
+
+
+async def test_a_stale_view_of_a_name_is_corrected_by_the_log(db_url: str) -> None:
+    # Two servers on one database: each knows only its own appends, so its
+    # idea of a name's stream goes stale. The unique (stream, version) makes
+    # the append fail, and the server reads the log and decides again.
+    async with (
+        running_server(settings_for(db_url, node_id="one")) as one,
+        running_server(settings_for(db_url, node_id="two")) as two,
+    ):
+        a = await Client(one.url).connect()
+        await a.login("alice")
+        b = await Client(two.url).connect()
+        try:
+            assert (await b.call("login", "alice"))["error"] == "name_taken"  # online on the other server
+            await a.disconnect()
+            await asyncio.sleep(0.2)
+            c = await Client(two.url).connect()
+            await c.login("alice")  # the other server's leave is in the log
+            await c.disconnect()
+            d = await Client(one.url).connect()
+            await d.login("alice")  # server one thinks alice is still at version 3
+            await d.disconnect()
+        finally:
+            await b.disconnect()
+    log = [(t, s, v) for t, s, v, _ in await read_log(db_url) if s == "user-alice"]
+    assert [v for _, _, v in log] == list(range(1, 10))
