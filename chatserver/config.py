@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///chat.db"
@@ -63,7 +62,6 @@ class Settings:
     resume_ttl_seconds: int = 24 * 3600
     # Largest number of appends committed in one transaction (group commit).
     max_batch: int = 512
-    instance: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from . import domain, projections, protocol
 from .config import Settings
 from .events import (
@@ -30,6 +32,7 @@ from .events import (
     LEFT_SERVER_SHUTDOWN,
     LEFT_TAKEN_OVER,
     VISIBLE_TYPES,
+    MessagePosted,
     NewEvent,
     StoredEvent,
     UserJoined,
@@ -62,8 +65,6 @@ class Publisher(Protocol):
     async def broadcast(self, event: str, data: Any = None) -> None: ...
 
     async def enter_lobby(self, sid: str) -> None: ...
-
-    async def leave_lobby(self, sid: str) -> None: ...
 
     async def disconnect(self, sid: str) -> None: ...
 
@@ -123,7 +124,7 @@ class ChatService:
         self._poller: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
-    async def start(self, writer_engine: Any) -> None:
+    async def start(self, writer_engine: AsyncEngine) -> None:
         """Load the projections, close the sessions a crash left open, start."""
         view = await projections.load(self.store.engine)
         if view.position < await self.store.head():
@@ -172,10 +173,6 @@ class ChatService:
     def connect(self, sid: str) -> None:
         self._connections[sid] = Connection(sid)
 
-    def is_logged_in(self, sid: str) -> bool:
-        conn = self._connections.get(sid)
-        return conn is not None and conn.session is not None and conn.session.active
-
     async def login(self, sid: str, raw_name: object) -> StoredEvent:
         name = domain.check_name(raw_name)
         conn = await self._free_connection(sid, name)
@@ -218,7 +215,8 @@ class ChatService:
         """
         if not isinstance(token, str) or not 10 <= len(token) <= 200:
             raise domain.ResumeRefused("invalid_token", "the resume token is malformed")
-        grant = await projections.find_grant(self.store.engine, hash_token(token))
+        token_hash = hash_token(token)
+        grant = await projections.find_grant(self.store.engine, token_hash)
         if grant is None:
             raise domain.ResumeRefused(
                 "invalid_token", "the resume token is unknown or was superseded by a newer login"
@@ -239,7 +237,10 @@ class ChatService:
         try:
             for attempt in range(RESUME_ATTEMPTS):
                 head = await self.store.stream_head(user_stream(name))
-                current = await projections.find_grant(self.store.engine, hash_token(token))
+                # Looked at again after the head: a login that landed before
+                # the head was read has replaced the grant; one that lands
+                # after makes the append below fail on its version.
+                current = await projections.find_grant(self.store.engine, token_hash)
                 if current is None or current.session != grant.session:
                     raise domain.ResumeRefused("invalid_token", "the resume token was superseded by a newer login")
                 new = domain.decide_resume(
@@ -391,6 +392,10 @@ class ChatService:
 
     def _note_heads(self, stored: list[StoredEvent]) -> None:
         for s in stored:
+            # Only a name that is offline skips the read at login, and its
+            # head is its leave; chats (always while online) need no note.
+            if s.type == MessagePosted.type:
+                continue
             known = self._heads.get(s.stream)
             if known is None or s.version > known.version:
                 self._heads[s.stream] = StreamHead(s.version, s.type)

@@ -43,9 +43,6 @@ class SocketIOPublisher:
     async def enter_lobby(self, sid: str) -> None:
         await self.sio.enter_room(sid, protocol.LOBBY_ROOM)
 
-    async def leave_lobby(self, sid: str) -> None:
-        await self.sio.leave_room(sid, protocol.LOBBY_ROOM)
-
     async def disconnect(self, sid: str) -> None:
         await self.sio.disconnect(sid)
 
