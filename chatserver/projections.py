@@ -147,6 +147,9 @@ _UPDATE_POSITION = (
     .where(projection_positions_table.c.name == sa.bindparam("projection"))
     .values(position=sa.bindparam("at"))
 )
+_INSERT_POSITION = projection_positions_table.insert()
+_INSERT_ONLINE = online_users_table.insert()
+_INSERT_GRANTS = resume_tokens_table.insert()
 
 
 def _online_row(user: OnlineUser) -> dict[str, object]:
@@ -199,21 +202,21 @@ async def save(conn: AsyncConnection, stored: list[StoredEvent]) -> None:
             )
         elif isinstance(event, UserLeft):
             online[event.name] = None
-    await _replace(conn, online_users_table, _DELETE_ONLINE, online)
-    await _replace(conn, resume_tokens_table, _DELETE_GRANTS, grants)
+    await _replace(conn, _INSERT_ONLINE, _DELETE_ONLINE, online)
+    await _replace(conn, _INSERT_GRANTS, _DELETE_GRANTS, grants)
     if stored:
         await _set_position(conn, ONLINE_USERS, stored[-1].position)
 
 
 async def _replace(
-    conn: AsyncConnection, table: sa.Table, delete: sa.Delete, changes: dict[str, dict[str, object] | None]
+    conn: AsyncConnection, insert: sa.Insert, delete: sa.Delete, changes: dict[str, dict[str, object] | None]
 ) -> None:
     if not changes:
         return
     await conn.execute(delete, [{"gone": name} for name in changes])
     rows = [row for row in changes.values() if row is not None]
     if rows:
-        await conn.execute(table.insert(), rows)
+        await conn.execute(insert, rows)
 
 
 async def find_grant(engine: AsyncEngine, token_hash: str) -> ResumeGrant | None:
@@ -232,7 +235,7 @@ async def find_grant(engine: AsyncEngine, token_hash: str) -> ResumeGrant | None
 async def _set_position(conn: AsyncConnection, name: str, position: int) -> None:
     updated = await conn.execute(_UPDATE_POSITION, {"projection": name, "at": position})
     if updated.rowcount == 0:
-        await conn.execute(projection_positions_table.insert().values(name=name, position=position))
+        await conn.execute(_INSERT_POSITION, {"name": name, "position": position})
 
 
 async def load(engine: AsyncEngine) -> OnlineUsers:

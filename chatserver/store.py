@@ -41,6 +41,11 @@ events_table = sa.Table(
 )
 
 
+# Built once: every append runs them (and the SQLite writer compiles each once).
+_HEAD = sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))
+_INSERT = events_table.insert()
+
+
 class ConcurrencyError(Exception):
     """Another append took a (stream, version) first."""
 
@@ -85,7 +90,7 @@ class EventStore:
         if not new_events:
             return []
         await self._lock(conn)
-        head = (await conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0)))).scalar_one()
+        head = (await conn.execute(_HEAD)).scalar_one()
         now = datetime.now(UTC)
         stored = [
             StoredEvent(position=head + i, stream=e.stream, version=e.version, event=e.event, recorded_at=now)
@@ -93,7 +98,7 @@ class EventStore:
         ]
         try:
             await conn.execute(
-                events_table.insert(),
+                _INSERT,
                 [
                     {
                         "position": s.position,
@@ -118,7 +123,7 @@ class EventStore:
     # -- reading ---------------------------------------------------------
     async def head(self) -> int:
         async with self.engine.connect() as conn:
-            return int((await conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0)))).scalar_one())
+            return int((await conn.execute(_HEAD)).scalar_one())
 
     async def stream_head(self, stream: str) -> StreamHead:
         query = (

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from chatserver.app import SIO
 from chatserver.fanout import DirectSocket, FanoutManager, FanoutServer, ws_frame
@@ -442,7 +443,7 @@ async def test_sqlite_writer_commits_in_its_thread_durably(db_url: str) -> None:
     async def hook(conn: Any, stored: list[Any]) -> None:
         threads.append(threading.current_thread().name)
         pragmas = [
-            (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+            (await conn.execute(sa.text(f"PRAGMA {name}"))).scalar_one()
             for name in ("journal_mode", "synchronous")
         ]
         assert pragmas == ["wal", 2]  # WAL, synchronous=FULL

@@ -111,6 +111,38 @@ async def test_group_commit_fails_only_the_loser(backend: Backend) -> None:
     assert [e.event.message for e in await backend.store.read_all()] == ["a", "b"]  # type: ignore[union-attr]
 
 
+async def test_writer_stores_what_a_plain_append_stores(backend: Backend) -> None:
+    # On a SQLite file the writer runs its transaction on the driver's
+    # connection, not through SQLAlchemy: it must store the same columns.
+    events = [
+        NewEvent("user-gus", 1, UserLoggedIn(name="gus", session="s1", node="n", resume_hash="ab" * 32)),
+        NewEvent("user-gus", 2, UserJoined(name="gus")),
+        chat("gus", 3, 'quote " backslash \\ <b>é</b> \u2603'),
+        NewEvent("user-gus", 4, UserLeft(name="gus", reason="quit")),
+    ]
+    writer = EventWriter(backend.store, backend.writer_engine)
+    writer.start()
+    try:
+        by_writer = await writer.append(events[:2])
+        by_writer += await writer.append(events[2:])
+    finally:
+        await writer.close()
+    plain = [NewEvent("user-hal", e.version, e.event) for e in events]
+    by_store = await append(backend, plain)
+    read = await backend.store.read_all()
+    assert [e.event for e in read] == [e.event for e in events + plain]
+    assert [e.position for e in read] == [s.position for s in by_writer + by_store] == list(range(1, 9))
+    for stored, back in zip(by_writer + by_store, read, strict=True):
+        assert back.recorded_at == stored.recorded_at
+        assert back.recorded_at.tzinfo is not None
+    async with backend.store.engine.connect() as conn:
+        raw = (await conn.execute(sa.text("select stream, payload, recorded_at from events order by position"))).all()
+    # Same column encodings, whoever wrote the row.
+    assert [type(r.payload) for r in raw[:4]] == [type(r.payload) for r in raw[4:]]
+    assert [r.payload for r in raw[:4]] == [r.payload for r in raw[4:]]
+    assert [type(r.recorded_at) for r in raw[:4]] == [type(r.recorded_at) for r in raw[4:]]
+
+
 async def test_group_commit_batches_one_turn_into_one_transaction(backend: Backend) -> None:
     writer = EventWriter(backend.store, backend.writer_engine)
     writer.start()
