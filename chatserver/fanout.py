@@ -436,3 +436,6 @@ class FanoutPublisher(SocketIOPublisher):
 
     async def broadcast(self, event: str, data: Any = None) -> None:
         await self.manager.emit(event, data, "/", room=protocol.LOBBY_ROOM)
+
+    def flush(self) -> None:
+        self.manager.server.eio.flusher.flush()

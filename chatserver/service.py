@@ -68,6 +68,10 @@ class Publisher(Protocol):
 
     async def disconnect(self, sid: str) -> None: ...
 
+    def flush(self) -> None:
+        """Write what the emits so far queued, now rather than at the end of
+        the loop turn (a no-op where emits are written at once)."""
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -432,6 +436,9 @@ class ChatService:
                         self._dispatched = stored.position
                         self._apply(stored)
                         await self._publish(stored)
+                    # The batch's fan-out goes out before the appenders'
+                    # acks and whatever else this loop turn still runs.
+                    self.publisher.flush()
                 elif kind == "follow":
                     await self._follow_log()
                 elif kind == "reply":

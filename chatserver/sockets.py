@@ -46,6 +46,9 @@ class SocketIOPublisher:
     async def disconnect(self, sid: str) -> None:
         await self.sio.disconnect(sid)
 
+    def flush(self) -> None:
+        pass  # python-socketio writes (or queues) every emit itself
+
 
 class SocketHandlers:
     def __init__(self, settings: Settings, service: ChatService) -> None:
