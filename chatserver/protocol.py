@@ -80,6 +80,31 @@ def history_payload(items: list[StoredEvent], reached_start: bool) -> dict[str, 
     return {"items": [history_item(e) for e in items], "reachedStart": reached_start}
 
 
+class HistoryItems:
+    """History items in wire form, each built once: every login is sent the
+    last ``keep`` of them, and building those dicts (their timestamps above
+    all) was most of a login's protocol work. Keyed by position, so one per
+    log; the items are shared between payloads and must not be changed."""
+
+    def __init__(self, keep: int) -> None:
+        self._items: dict[int, dict[str, Any]] = {}
+        self._keep = max(keep, 1)
+
+    def payload(self, events: list[StoredEvent], reached_start: bool) -> dict[str, Any]:
+        items = self._items
+        out = []
+        for stored in events:
+            item = items.get(stored.position)
+            if item is None:
+                item = items[stored.position] = history_item(stored)
+                if len(items) > 2 * self._keep:
+                    # Built in log order, so the first ones are the oldest.
+                    for position in list(items)[: self._keep]:
+                        del items[position]
+            out.append(item)
+        return {"items": out, "reachedStart": reached_start}
+
+
 def live_packet(stored: StoredEvent) -> tuple[str, Any] | None:
     """The seed event a lobby socket receives for a stored event, if any."""
     event = stored.event

@@ -110,6 +110,7 @@ class ChatService:
         self.publisher = publisher
         self.online = OnlineUsers()
         self.recent = RecentHistory(settings.history_size)
+        self._history_items = protocol.HistoryItems(settings.history_size)
         self.writer = writer_factory(in_transaction=[projections.save], on_commit=self._committed)
         self._connections: dict[str, Connection] = {}
         self._claims: dict[str, Session] = {}  # name -> session holding it here
@@ -482,7 +483,7 @@ class ChatService:
                 reached_start = len(items) < self.settings.history_size
                 if items and not reached_start:
                     reached_start = items[0].position == await self._first_visible()
-                await self.publisher.send(session.sid, protocol.HISTORY, protocol.history_payload(items, reached_start))
+                await self.publisher.send(session.sid, protocol.HISTORY, self._history_items.payload(items, reached_start))
                 await self.publisher.enter_lobby(session.sid)
             else:
                 # Replay what was missed from the log, then join live.

@@ -296,3 +296,26 @@ async def test_resume_on_a_logged_in_socket_is_refused(server: InProcessServer) 
         assert ack["error"] == "already_logged_in"
     finally:
         await a.disconnect()
+
+
+def test_history_items_are_built_once_and_match_the_plain_payload() -> None:
+    from datetime import UTC, datetime
+
+    from chatserver import protocol
+    from chatserver.events import MessagePosted, StoredEvent, UserJoined
+
+    now = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    log = [
+        StoredEvent(p, "user-a", p, MessagePosted(sender="a", message=f"m{p}") if p % 2 else UserJoined(name="a"), now)
+        for p in range(1, 40)
+    ]
+    items = protocol.HistoryItems(keep=5)
+    first = items.payload(log[:5], reached_start=True)
+    assert first == protocol.history_payload(log[:5], reached_start=True)
+    again = items.payload(log[:5], reached_start=False)
+    assert again["reachedStart"] is False
+    assert all(a is b for a, b in zip(first["items"], again["items"], strict=True))
+    # The window moves on: old items are dropped, new ones still right.
+    for start in range(35):
+        assert items.payload(log[start : start + 5], True) == protocol.history_payload(log[start : start + 5], True)
+    assert len(items._items) <= 10
