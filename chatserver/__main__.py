@@ -72,10 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatserver: {exc}", file=sys.stderr)
         return 2
     from .app import create_app
+    from .web import AccessLogger
 
     print(f"chatserver on http://{settings.host}:{settings.port} ({settings.database_url})", flush=True)
     try:
-        web.run_app(create_app(settings), host=settings.host, port=settings.port, loop=loop, print=None)
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            loop=loop,
+            print=None,
+            access_log_class=AccessLogger,
+        )
     except OSError as exc:
         print(f"chatserver: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ from aiohttp import web
 
 from .config import Settings
 
+SOCKET_IO_PATH = "/socket.io/"
+
 # URL prefix -> folder inside node_modules. Only these are served.
 VENDOR: dict[str, str] = {
     "jquery": "jquery/dist",
@@ -65,3 +67,14 @@ def setup_routes(app: web.Application, settings: Settings) -> None:
     )
     app.router.add_get("/vendor/{package}/{file:.+}", vendor)
     app.router.add_get("/{tail:.*}", public_or_index)
+
+
+class AccessLogger(web.AccessLogger):
+    """aiohttp's access log, without Socket.IO's transport requests: one line
+    per WebSocket or long-poll request says nothing the service's own log
+    does not, and formatting it was ~6% of the server's time under churn."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path.startswith(SOCKET_IO_PATH):
+            return
+        super().log(request, response, time)
