@@ -335,6 +335,50 @@ def test_server_restart_reconnects_and_logs_in_again(new_page: PageFactory, serv
     assert lines.count("carol left room.") <= 1, lines
 
 
+def test_reload_logs_in_again_under_the_same_name(new_page: PageFactory) -> None:
+    alice = new_page()
+    login(alice, "alice")
+    bob = new_page()
+    login(bob, "bob")
+    send(alice, "before reload")
+    expect_chat(bob, "alice", "before reload")
+
+    alice.reload()
+    # Back in the lobby as alice without typing her name, history included.
+    expect(alice.locator("#status .conn-name")).to_have_text("as alice")
+    expect_chat(alice, "alice", "before reload")
+    expect_users(alice, ["bob", "alice"])
+    send(alice, "after reload")
+    expect_chat(bob, "alice", "after reload")
+    # Bob saw the truth: the old page left, the reloaded one joined.
+    wait_until(bob, "() => [...document.querySelectorAll('#chatList .notice')].length >= 4", None, lambda: presence(bob))
+    assert presence(bob)[-2:] == ["alice left room.", "alice joined room."]
+
+    # A fresh tab (its own session storage) starts at the login screen.
+    fresh = new_page()
+    expect(fresh.locator("#nameInput")).to_be_visible()
+    expect(fresh.locator("#nameInput")).to_have_value("")
+
+
+def test_saved_name_taken_by_someone_else_ends_at_the_login_screen(new_page: PageFactory) -> None:
+    holder = new_page()
+    login(holder, "dora")
+    # As a duplicated tab would: the saved name is held by a live session.
+    copy = new_page()
+    copy.evaluate("() => sessionStorage.setItem('chat.name', 'dora')")
+    copy.reload()
+    error = copy.locator("#loginError")
+    expect(error).to_have_text("Name already exists", timeout=15_000)
+    expect(copy.locator("#nameInput")).to_have_value("dora")
+    assert copy.evaluate("() => sessionStorage.getItem('chat.name')") == "dora"
+    # Logging in under another name replaces the saved one.
+    copy.fill("#nameInput", "dora2")
+    copy.press("#nameInput", "Enter")
+    expect(copy.locator("#status .conn-name")).to_have_text("as dora2")
+    assert copy.evaluate("() => sessionStorage.getItem('chat.name')") == "dora2"
+    expect_users(holder, ["dora", "dora2"])
+
+
 def test_reconnect_shows_what_was_missed_once(new_page: PageFactory) -> None:
     away = new_page()
     login(away, "away")

@@ -15,6 +15,24 @@
   var RELOGIN_RETRY_MS = 2000;   // our old connection may still hold the name
   var RELOGIN_TRIES = 40;        // ~80 s: longer than the server's default ping timeout
   var HISTORY_PAGE = 50;
+  var AUTO_LOGIN_TRIES = 5;      // after a reload our old page's socket may hold the name a moment
+  var AUTO_LOGIN_RETRY_MS = 1000;
+
+  // The name this tab is logged in under, so that reloading the page logs
+  // in again under it. sessionStorage: this tab only, gone when it closes.
+  // Only the name: a reload is a fresh login (with fresh history).
+  var SAVED_NAME_KEY = 'chat.name';
+  var savedName = {
+    get: function () {
+      try { return window.sessionStorage.getItem(SAVED_NAME_KEY); } catch (e) { return null; }
+    },
+    set: function (name) {
+      try { window.sessionStorage.setItem(SAVED_NAME_KEY, name); } catch (e) { /* storage disabled */ }
+    },
+    clear: function () {
+      try { window.sessionStorage.removeItem(SAVED_NAME_KEY); } catch (e) { /* storage disabled */ }
+    }
+  };
 
   var CHAT_ERRORS = {
     empty_message: 'Empty messages are not sent.',
@@ -35,6 +53,7 @@
     self.resumeToken = null;
     self.homeModel = null;
     self.lostNotice = null;   // the "Connection lost." line, dropped again if the server resumes us
+    self.autoLoginTries = 0;  // > 0 while logging in again under the saved name after a reload
     self.timers = {};
 
     self.init = function () {
@@ -44,6 +63,10 @@
       }).render();
 
       self.loginModel = new models.LoginModel();
+      var saved = savedName.get();
+      if (saved) {
+        self.loginModel.set('name', saved); // shown in the field while it logs in
+      }
       self.containerModel = new models.ContainerModel();
       self.containerView = new views.ContainerView({ el: options.containerEl || '#container', model: self.containerModel });
       self.showLogin('');
@@ -59,6 +82,11 @@
         }
       });
       self.chatClient.connect();
+
+      if (saved) {
+        self.autoLoginTries = 1;
+        self.viewEventBus.trigger('login', saved);
+      }
     };
 
     self.showLogin = function (error) {
@@ -202,6 +230,9 @@
       if (self.pendingLogin !== null) {
         self.me = typeof data.name === 'string' ? data.name : self.pendingLogin;
         self.pendingLogin = null;
+        self.autoLoginTries = 0;
+        self.cancel('autologin');
+        savedName.set(self.me);
         self.loginModel.set({ busy: false, error: '' });
         self.showHome();
       } else if (self.me) {
@@ -225,6 +256,8 @@
     self.appEventBus.on('loginNameBad', function () {
       if (self.pendingLogin !== null) {
         self.pendingLogin = null;
+        self.autoLoginTries = 0;
+        savedName.clear();
         self.loginModel.refused('Invalid name');
       } else if (self.me) {
         self.loggedOut('Invalid name');
@@ -232,8 +265,17 @@
     });
 
     self.appEventBus.on('loginNameExists', function () {
-      if (self.pendingLogin !== null) {
+      if (self.pendingLogin !== null && self.autoLoginTries > 0 && self.autoLoginTries < AUTO_LOGIN_TRIES) {
+        // Reloaded: most likely our previous page's socket, about to go.
+        self.autoLoginTries += 1;
+        self.later('autologin', AUTO_LOGIN_RETRY_MS, function () {
+          if (self.pendingLogin !== null && self.chatClient.connected()) {
+            self.chatClient.login(self.pendingLogin);
+          }
+        });
+      } else if (self.pendingLogin !== null) {
         self.pendingLogin = null;
+        self.autoLoginTries = 0;
         self.loginModel.refused('Name already exists');
       } else if (self.me) {
         // Most likely our own previous connection, not yet timed out on the
@@ -254,6 +296,7 @@
     self.loggedOut = function (error) {
       var name = self.me;
       self.me = null;
+      savedName.clear();
       self.resumeToken = null;
       self.homeModel = null;
       self.loginModel.set({ name: name });
