@@ -95,8 +95,10 @@ examples:
 
 --follow polls the log by position every --interval seconds and prints each
 new event once, in order, until Ctrl-C (or SIGTERM); with --limit it stops
-after that many events. Progress goes to stderr during long dumps when
-stderr is a terminal and stdout is not.
+after that many events. On PostgreSQL it outlives a dropped connection or a
+database restart: it says so on stderr, reconnects (retrying until Ctrl-C)
+and goes on after the last event it printed. Progress goes to stderr during
+long dumps when stderr is a terminal and stdout is not.
 
 exit status:
   0    done; also Ctrl-C during --follow, and a reader closing the pipe (| head)
@@ -376,6 +378,7 @@ class Replay:
         self.filter = ReplayFilter(**options.filter)
         self.renderer: Renderer = renderer_for(options.format, color=options.color, header=options.header)
         self.remaining = options.limit
+        self.last_position = 0  # of the last event written
 
     @property
     def satisfied(self) -> bool:
@@ -385,6 +388,7 @@ class Replay:
         self.out.write(data)
         if self.remaining is not None:
             self.remaining -= events
+        self.last_position = last_position
         self.progress.update(events, last_position)
 
     def begin(self, f: ReplayFilter) -> None:
@@ -547,11 +551,20 @@ async def replay_pg(options: Options, out: Output, progress: Progress) -> None:
         seen = max(head, job.filter.after)  # see replay_sqlite
         while options.follow and not job.satisfied:
             await asyncio.sleep(options.interval)
-            head = await replay_pg_head(conn)
-            if head > seen:
-                await dump(replace(f, after=seen, through=head))
+            try:
+                head = await replay_pg_head(conn)
+                if head > seen:
+                    await dump(replace(f, after=seen, through=head))
+                    out.flush()
+                    seen = head
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # A follow outlives a database restart or a dropped
+                # connection: go on after the last event written, so
+                # nothing is printed twice or skipped.
+                seen = max(seen, job.last_position)
                 out.flush()
-                seen = head
+                conn.terminate()
+                conn = await reconnect_pg(options.url, exc)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ReplayError(EXIT_UNREACHABLE, f"lost the PostgreSQL database: {_one_line(exc)}") from None
     finally:
@@ -560,6 +573,28 @@ async def replay_pg(options: Options, out: Output, progress: Progress) -> None:
             await conn.close(timeout=2)
         except Exception:  # noqa: BLE001 - the connection broke already
             conn.terminate()
+
+
+RECONNECT_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # seconds; the last repeats
+
+
+async def reconnect_pg(url: str, lost: BaseException) -> Any:
+    """Connect again, for as long as it takes (Ctrl-C stops), saying so on stderr."""
+    import asyncio
+
+    print(f"{PROG}: lost the PostgreSQL connection ({_one_line(lost)}); reconnecting", file=sys.stderr, flush=True)
+    attempt = 0
+    while True:
+        await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+        attempt += 1
+        try:
+            conn = await connect_pg(url)
+        except ReplayError as exc:
+            if exc.code != EXIT_UNREACHABLE:
+                raise  # the database or its schema is gone: nothing to wait for
+            continue
+        print(f"{PROG}: reconnected to PostgreSQL", file=sys.stderr, flush=True)
+        return conn
 
 
 def _one_line(exc: BaseException) -> str:

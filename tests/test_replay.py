@@ -676,6 +676,44 @@ async def test_postgres_dump_filters_and_follow(pg_url: str) -> None:
 
 
 @pytest.mark.postgres
+async def test_postgres_follow_reconnects_when_its_connection_drops(pg_url: str) -> None:
+    import sqlalchemy as sa
+
+    await write_scenario(pg_url)
+    proc = await start_follow(pg_url, "--format", "jsonl", "--tail", "1")
+    engine = create_engine(pg_url)
+    try:
+        assert positions(await read_lines(proc, 1)) == [13]
+        # Cut the follower off, as a database restart or an admin would.
+        async with engine.connect() as conn:
+            killed = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+            ).scalar_one()
+        assert killed >= 1
+        async with running_server(settings_for(pg_url)) as server:
+            erin = await Client(server.url).connect()
+            await erin.login("erin")
+            await erin.call("chat", "after the drop")
+            lines = await read_lines(proc, 3)
+            assert positions(lines) == [14, 15, 16]
+            assert json.loads(lines[2])["payload"]["message"] == "after the drop"
+            await erin.disconnect()
+    finally:
+        await engine.dispose()
+        code, rest, err = await stop(proc)
+    assert code == 0, err.decode()
+    assert positions(rest.decode().splitlines()) in ([], [17])  # erin's leave, if it came before the stop
+    notes = err.decode().splitlines()
+    assert notes[0].startswith("chat-replay: lost the PostgreSQL connection") and notes[0].endswith("reconnecting")
+    assert notes[1:] == ["chat-replay: reconnected to PostgreSQL"], notes
+
+
+@pytest.mark.postgres
 def test_postgres_missing_or_unmigrated_database_exit_3(postgres: Any) -> None:
     bare = postgres.create_database("chat_bare")
     result = replay(bare)
