@@ -40,15 +40,18 @@ async def test_stop_and_start_keeps_the_log(tmp_path: Path) -> None:
         for i in range(5):
             assert (await a.call("chat", f"m{i}"))["ok"]
         await a.disconnect()
-        async with aiohttp.ClientSession() as http, http.get(srv.url + "/") as page:
-            assert page.status == 200
+        async with aiohttp.ClientSession() as http:
+            for path in ("/", "/socket.io/socket.io.js"):
+                async with http.get(srv.url + path) as page:
+                    assert page.status == 200
         await asyncio.sleep(0.3)
     finally:
         assert srv.terminate() == 0
     # The access log keeps HTTP requests, not Socket.IO's transport requests.
     access = [line for line in srv.output().splitlines() if "aiohttp.access" in line]
     assert any('"GET / HTTP/1.1" 200' in line for line in access), srv.output()
-    assert not any("/socket.io/" in line for line in access), access
+    assert any('"GET /socket.io/socket.io.js HTTP/1.1" 200' in line for line in access), access
+    assert not any("/socket.io/?" in line for line in access), access
     before = await log_of(db)
     assert [e.type for e in before] == ["UserLoggedIn", "UserJoined"] + ["MessagePosted"] * 5 + ["UserLeft"]
     srv2 = ServerProcess(db).start()
