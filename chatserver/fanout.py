@@ -142,9 +142,13 @@ class DirectSocket(async_socket.AsyncSocket):
         self._held = []
 
     # -- output ------------------------------------------------------------
-    def write_frame(self, frame: bytes) -> None:
-        """Queue one WebSocket frame behind everything sent before (direct mode)."""
+    def write_frame(self, frame: bytes, now: bool = False) -> None:
+        """Queue one WebSocket frame behind everything sent before (direct
+        mode); with ``now``, write it at once if nothing is queued ahead."""
         if self._dead:
+            return
+        if now and not self._out:
+            self._write(frame)
             return
         self._out.append(frame)
         if not self._dirty:
@@ -158,6 +162,9 @@ class DirectSocket(async_socket.AsyncSocket):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         transport = self._transport
         if self._dead or transport is None or transport.is_closing():
             return
@@ -358,8 +365,12 @@ class FanoutManager(socketio.AsyncManager):
         skip_sid: Any = None,
         callback: Any = None,
         to: Any = None,
+        write_now: bool = False,
         **kwargs: Any,
     ) -> None:
+        """``write_now``: the caller emits nothing more this turn, so a
+        recipient with nothing queued gets the frame at once instead of at
+        the flush (writes to a socket are still one per turn otherwise)."""
         if callback is not None:
             # Every recipient needs its own ack id: the stock path.
             await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
@@ -395,7 +406,7 @@ class FanoutManager(socketio.AsyncManager):
                 continue
             if type(sock) is DirectSocket and sock.direct:
                 if not sock.closed:
-                    sock.write_frame(frame)
+                    sock.write_frame(frame, write_now)
             else:
                 slow.append(sock)
         if slow:
@@ -434,8 +445,8 @@ class FanoutPublisher(SocketIOPublisher):
     async def send(self, sid: str, event: str, data: Any = None) -> None:
         await self.manager.emit(event, data, "/", room=sid)
 
-    async def broadcast(self, event: str, data: Any = None) -> None:
-        await self.manager.emit(event, data, "/", room=protocol.LOBBY_ROOM)
+    async def broadcast(self, event: str, data: Any = None, *, last: bool = False) -> None:
+        await self.manager.emit(event, data, "/", room=protocol.LOBBY_ROOM, write_now=last)
 
     def flush(self) -> None:
         self.manager.server.eio.flusher.flush()

@@ -62,7 +62,9 @@ class Publisher(Protocol):
 
     async def send(self, sid: str, event: str, data: Any = None) -> None: ...
 
-    async def broadcast(self, event: str, data: Any = None) -> None: ...
+    async def broadcast(self, event: str, data: Any = None, *, last: bool = False) -> None:
+        """``last``: nothing more is emitted before ``flush``, so it may be
+        written at once."""
 
     async def enter_lobby(self, sid: str) -> None: ...
 
@@ -430,13 +432,14 @@ class ChatService:
                     if item[0].position > self._applied + 1:
                         # Another process appended in between (shared log).
                         await self._follow_log(until=item[0].position - 1)
+                    last = item[-1]
                     for stored in item:
                         # Marked before publishing: a catch-up that sees this
                         # position replays the event itself and joins after
                         # the broadcast took its recipients.
                         self._dispatched = stored.position
                         self._apply(stored)
-                        await self._publish(stored)
+                        await self._publish(stored, last=stored is last)
                     # The batch's fan-out goes out before the appenders'
                     # acks and whatever else this loop turn still runs.
                     self.publisher.flush()
@@ -471,7 +474,7 @@ class ChatService:
             if self._outbox.empty():
                 self._outbox.put_nowait(("follow", None))
 
-    async def _publish(self, stored: StoredEvent) -> None:
+    async def _publish(self, stored: StoredEvent, *, last: bool = False) -> None:
         event = stored.event
         if isinstance(event, UserLoggedIn):
             session = self._by_session.get(event.session)
@@ -493,7 +496,7 @@ class ChatService:
             return
         packet = protocol.live_packet(stored)
         if packet is not None:
-            await self.publisher.broadcast(*packet)
+            await self.publisher.broadcast(*packet, last=last)
 
     async def _first_visible(self) -> int:
         # The log only grows at its end: once found, the first item stays first.

@@ -37,7 +37,7 @@ class SocketIOPublisher:
     async def send(self, sid: str, event: str, data: Any = None) -> None:
         await self.sio.emit(event, data, to=sid)
 
-    async def broadcast(self, event: str, data: Any = None) -> None:
+    async def broadcast(self, event: str, data: Any = None, *, last: bool = False) -> None:
         await self.sio.emit(event, data, room=protocol.LOBBY_ROOM)
 
     async def enter_lobby(self, sid: str) -> None:
