@@ -335,11 +335,18 @@ def test_server_restart_reconnects_and_logs_in_again(new_page: PageFactory, serv
     assert lines.count("carol left room.") <= 1, lines
 
 
+def in_lobby(new_page: PageFactory, *names: str) -> list[Page]:
+    """A page per name, each logged in, in that order."""
+    pages = []
+    for name in names:
+        page = new_page()
+        login(page, name)
+        pages.append(page)
+    return pages
+
+
 def test_reload_logs_in_again_under_the_same_name(new_page: PageFactory) -> None:
-    alice = new_page()
-    login(alice, "alice")
-    bob = new_page()
-    login(bob, "bob")
+    alice, bob = in_lobby(new_page, "alice", "bob")
     send(alice, "before reload")
     expect_chat(bob, "alice", "before reload")
 
@@ -380,10 +387,7 @@ def test_saved_name_taken_by_someone_else_ends_at_the_login_screen(new_page: Pag
 
 
 def test_reconnect_shows_what_was_missed_once(new_page: PageFactory) -> None:
-    away = new_page()
-    login(away, "away")
-    talker = new_page()
-    login(talker, "talker")
+    away, talker = in_lobby(new_page, "away", "talker")
     send(talker, "while you were here")
     expect_chat(away, "talker", "while you were here")
 
