@@ -119,16 +119,22 @@ def _fixed_extract(r: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _fanout_check(r: dict[str, Any]) -> list[str]:
+def _common_problems(r: dict[str, Any]) -> list[str]:
+    """What any load generator result can report: its own error, client errors."""
     problems = []
     if r.get("error"):
         problems.append(f"error: {r['error']}")
+    if r.get("errors"):
+        problems.append(f"{r['errors']} errors: {r.get('first_errors')}")
+    return problems
+
+
+def _fanout_check(r: dict[str, Any]) -> list[str]:
+    problems = []
     if not r.get("complete"):
         problems.append(f"incomplete: {r.get('delivered')} of {r.get('expected')} delivered")
     if r.get("bad_payloads"):
         problems.append(f"{r['bad_payloads']} bad payloads")
-    if r.get("errors"):
-        problems.append(f"{r['errors']} errors: {r.get('first_errors')}")
     return problems
 
 
@@ -143,14 +149,10 @@ def _login_extract(r: dict[str, Any]) -> dict[str, float]:
 
 def _login_check(r: dict[str, Any]) -> list[str]:
     problems = []
-    if r.get("error"):
-        problems.append(f"error: {r['error']}")
     n = (r.get("params") or {}).get("N")
     for i, rnd in enumerate(r.get("rounds") or []):
         if rnd.get("logins_ok") != n:
             problems.append(f"round {i}: {rnd.get('logins_ok')} of {n} logins")
-    if r.get("errors"):
-        problems.append(f"{r['errors']} errors: {r.get('first_errors')}")
     return problems
 
 
@@ -164,8 +166,6 @@ def _churn_extract(r: dict[str, Any]) -> dict[str, float]:
 
 def _churn_check(r: dict[str, Any]) -> list[str]:
     problems = []
-    if r.get("error"):
-        problems.append(f"error: {r['error']}")
     if r.get("failed"):
         problems.append(f"{r['failed']} failed cycles")
     expected = r.get("observer_expected_each")  # cycles x observers
@@ -173,8 +173,6 @@ def _churn_check(r: dict[str, Any]) -> list[str]:
         for key in ("observer_userJoined", "observer_userLeft"):
             if r.get(key) != expected:
                 problems.append(f"{key} {r.get(key)} != {expected}")
-    if r.get("errors"):
-        problems.append(f"{r['errors']} errors: {r.get('first_errors')}")
     return problems
 
 
@@ -187,8 +185,6 @@ def _idle_extract(r: dict[str, Any]) -> dict[str, float]:
 
 def _idle_check(r: dict[str, Any]) -> list[str]:
     problems = []
-    if r.get("error"):
-        problems.append(f"error: {r['error']}")
     n = (r.get("params") or {}).get("N")
     if r.get("logged_in") != n:
         problems.append(f"{r.get('logged_in')} of {n} logged in")
@@ -436,7 +432,7 @@ class Bench:
             except subprocess.TimeoutExpired:
                 result = {"error": "load generator timed out"}
             server_log = logfile.read_text(errors="replace")
-        problems = scenario.check(result)
+        problems = _common_problems(result) + scenario.check(result)
         if kind == "ours":
             errors = [ln for ln in server_log.splitlines() if " ERROR " in ln or ln.startswith("Traceback")]
             if errors:

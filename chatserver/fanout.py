@@ -291,13 +291,9 @@ class DirectSocket(async_socket.AsyncSocket):
         on_message = self.server.handlers.get("message")
         while True:
             msg = await ws.receive()
-            kind = msg.type
-            if kind is WSMsgType.TEXT:
-                data = msg.data
-            elif kind is WSMsgType.BINARY:
-                data = msg.data
-            else:  # CLOSE, CLOSING, CLOSED, ERROR
-                return
+            if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
+                return  # CLOSE, CLOSING, CLOSED, ERROR
+            data = msg.data
             if self.closed:
                 return
             try:

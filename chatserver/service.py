@@ -233,11 +233,12 @@ class ChatService:
         name = grant.name
         after = domain.check_position(last_position, await self.store.head())
         conn = await self._free_connection(sid, name)
-        ghost = self._claims.get(name)
-        if ghost is not None and ghost.sid != sid:
+        holder = self._claims.get(name)
+        # The same user on an older socket: its name is taken over.
+        ghost = holder if holder is not None and holder.sid != sid else None
+        if ghost is not None:
             if not ghost.active:
                 raise domain.ResumeRefused("name_busy", f"{name} is logging in elsewhere right now")
-            # The same user on an older socket: take the name over.
             self._retire(ghost)
         session = self._claim(conn, name)
         session.resume_after = after
@@ -262,10 +263,10 @@ class ChatService:
                         raise domain.ResumeRefused("name_busy", f"{name} changed while resuming; log in again") from None
         except BaseException:
             self._release(session, conn)
-            if ghost is not None and ghost.sid != sid:
+            if ghost is not None:
                 await self._close_stream(name, LEFT_TAKEN_OVER)
             raise
-        if ghost is not None and ghost.sid != sid:
+        if ghost is not None:
             self._outbox.put_nowait(("disconnect", ghost.sid))
         await self._after_login(session)
         return stored

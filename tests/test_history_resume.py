@@ -224,6 +224,15 @@ async def expect_refusal(url: str, request: object, code: str) -> Client:
     return c
 
 
+async def token_of_a_departed_login(url: str, name: str) -> str:
+    """Log ``name`` in, keep its resume token, and leave."""
+    a = await Client(url).connect()
+    await a.login(name)
+    token: str = a.events("welcome")[0]["resumeToken"]
+    await a.disconnect()
+    return token
+
+
 async def test_bad_tokens_are_refused_and_login_still_works(server: InProcessServer) -> None:
     for request, code in [
         ({"token": "not-a-real-token-at-all", "lastPosition": 0}, "invalid_token"),
@@ -246,20 +255,14 @@ async def test_bad_tokens_are_refused_and_login_still_works(server: InProcessSer
 
 
 async def test_bad_last_position_is_refused(server: InProcessServer) -> None:
-    a = await Client(server.url).connect()
-    await a.login("alice")
-    token = a.events("welcome")[0]["resumeToken"]
-    await a.disconnect()
+    token = await token_of_a_departed_login(server.url, "alice")
     c = await expect_refusal(server.url, {"token": token, "lastPosition": 10**9}, "bad_payload")
     await c.disconnect()
 
 
 async def test_expired_token_is_refused(db_url: str) -> None:
     async with running_server(settings_for(db_url, resume_ttl_seconds=1)) as srv:
-        a = await Client(srv.url).connect()
-        await a.login("alice")
-        token = a.events("welcome")[0]["resumeToken"]
-        await a.disconnect()
+        token = await token_of_a_departed_login(srv.url, "alice")
         await asyncio.sleep(1.3)
         c = await expect_refusal(srv.url, {"token": token, "lastPosition": 0}, "expired_token")
         await c.disconnect()
@@ -268,10 +271,7 @@ async def test_expired_token_is_refused(db_url: str) -> None:
 async def test_foreign_token_never_yields_the_name(server: InProcessServer) -> None:
     # alice leaves; someone else logs in as alice; the first alice's token
     # must not take the name from the new holder.
-    a = await Client(server.url).connect()
-    await a.login("alice")
-    old_token = a.events("welcome")[0]["resumeToken"]
-    await a.disconnect()
+    old_token = await token_of_a_departed_login(server.url, "alice")
     other = await Client(server.url).connect()
     await other.login("alice")
     c = await expect_refusal(server.url, {"token": old_token, "lastPosition": 0}, "invalid_token")
