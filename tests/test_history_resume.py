@@ -78,6 +78,15 @@ async def test_history_contains_joins_and_leaves(server: InProcessServer) -> Non
         await b.disconnect()
 
 
+async def alice_and_bobby(url: str) -> tuple[Client, Client]:
+    """Two logged-in clients: alice first, then bobby."""
+    a = await Client(url).connect()
+    b = await Client(url).connect()
+    await a.login("alice")
+    await b.login("bobby")
+    return a, b
+
+
 async def resume(url: str, token: str, last: int, *, via_auth: bool = False) -> Client:
     c = Client(url)
     if via_auth:
@@ -91,10 +100,7 @@ async def resume(url: str, token: str, last: int, *, via_auth: bool = False) -> 
 
 
 async def test_resume_replays_exactly_what_was_missed(server: InProcessServer, db_url: str) -> None:
-    a = await Client(server.url).connect()
-    b = await Client(server.url).connect()
-    await a.login("alice")
-    await b.login("bobby")
+    a, b = await alice_and_bobby(server.url)
     await b.call("chat", "before")
     await a.wait_for(lambda: chats(a) == ["before"])
     token = a.events("welcome")[0]["resumeToken"]
@@ -165,10 +171,7 @@ async def test_resume_hand_off_is_exact_while_others_keep_chatting(db_url: str) 
 
 async def test_resume_survives_a_server_restart(tmp_path: Path, db_url: str) -> None:
     async with running_server(settings_for(db_url)) as srv:
-        a = await Client(srv.url).connect()
-        b = await Client(srv.url).connect()
-        await a.login("alice")
-        await b.login("bobby")
+        a, b = await alice_and_bobby(srv.url)
         token = a.events("welcome")[0]["resumeToken"]
         last = a.events("welcome")[0]["position"]
         await a.disconnect()
@@ -185,10 +188,7 @@ async def test_resume_survives_a_server_restart(tmp_path: Path, db_url: str) -> 
 
 
 async def test_resume_takes_over_a_half_open_session(server: InProcessServer, db_url: str) -> None:
-    a = await Client(server.url).connect()
-    b = await Client(server.url).connect()
-    await a.login("alice")
-    await b.login("bobby")
+    a, b = await alice_and_bobby(server.url)
     token = a.events("welcome")[0]["resumeToken"]
     last = a.events("welcome")[0]["position"]
     # ``a`` stays connected: to the server it is still online.
