@@ -102,6 +102,10 @@ class NewEvent:
     stream: str
     version: int
     event: DomainEvent
+    # The command that produced it: every event of one command carries the
+    # same id, so a commit whose outcome is unknown can be looked up, and a
+    # client's retry of a stored chat is answered with the original.
+    command_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
