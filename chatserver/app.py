@@ -91,7 +91,7 @@ async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
         publisher = FanoutPublisher(sio) if isinstance(sio.manager, FanoutManager) else SocketIOPublisher(sio)
         service = ChatService(settings, store, writer_factory, publisher)
         await service.start(writer_engine)
-        SocketHandlers(settings, service).register(sio)
+        SocketHandlers(settings, service.commands).register(sio)
         app[STORE] = store
         app[SERVICE] = service
         app[WRITER_ENGINE] = writer_engine

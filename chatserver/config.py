@@ -60,6 +60,10 @@ class Settings:
     history_size: int = 50
     history_page_max: int = 200
     resume_ttl_seconds: int = 24 * 3600
+    # A resume that missed more events than this is refused: log in again.
+    resume_max_gap: int = 5000
+    # Seconds between looks for sessions the log shows open with no socket.
+    reconcile_interval: float = 10.0
     # Largest number of appends committed in one transaction (group commit).
     max_batch: int = 512
 
@@ -87,5 +91,7 @@ class Settings:
             history_size=_int(env, "CHAT_HISTORY_SIZE", defaults.history_size),
             history_page_max=_int(env, "CHAT_HISTORY_PAGE_MAX", defaults.history_page_max),
             resume_ttl_seconds=_int(env, "CHAT_RESUME_TTL", defaults.resume_ttl_seconds),
+            resume_max_gap=_int(env, "CHAT_RESUME_MAX_GAP", defaults.resume_max_gap),
+            reconcile_interval=_float(env, "CHAT_RECONCILE_INTERVAL", defaults.reconcile_interval),
             max_batch=_int(env, "CHAT_MAX_BATCH", defaults.max_batch),
         )

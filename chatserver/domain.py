@@ -6,6 +6,7 @@ them into the protocol's events and acknowledgements.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from .events import (
@@ -22,6 +23,8 @@ from .store import StreamHead
 
 NAME_MIN = 3
 NAME_MAX = 10
+CLIENT_ID_MAX = 64
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]+")
 
 
 class DomainError(Exception):
@@ -114,7 +117,7 @@ def check_message(value: object, *, max_chars: int) -> str:
 
 
 def decide_login(
-    name: str, head: StreamHead, *, session: str, node: str, resume_hash: str = ""
+    name: str, head: StreamHead, *, session: str, node: str, resume_hash: str = "", command_id: str | None = None
 ) -> list[NewEvent]:
     if head.online:
         raise NameTaken(f"{name} is already online")
@@ -124,13 +127,14 @@ def decide_login(
             stream,
             head.version + 1,
             UserLoggedIn(name=name, session=session, node=node, resume_hash=resume_hash),
+            command_id,
         ),
-        NewEvent(stream, head.version + 2, UserJoined(name=name)),
+        NewEvent(stream, head.version + 2, UserJoined(name=name), command_id),
     ]
 
 
 def decide_resume(
-    name: str, head: StreamHead, *, session: str, node: str, resume_hash: str
+    name: str, head: StreamHead, *, session: str, node: str, resume_hash: str, command_id: str | None = None
 ) -> list[NewEvent]:
     """Come back under ``name``; a session the log still shows online (a
     half-open socket, or one a dead process left) is closed first."""
@@ -139,15 +143,16 @@ def decide_resume(
     version = head.version
     if head.online:
         version += 1
-        events.append(NewEvent(stream, version, UserLeft(name=name, reason=LEFT_TAKEN_OVER)))
+        events.append(NewEvent(stream, version, UserLeft(name=name, reason=LEFT_TAKEN_OVER), command_id))
     events.append(
         NewEvent(
             stream,
             version + 1,
             UserLoggedIn(name=name, session=session, node=node, resume_hash=resume_hash, resumed=True),
+            command_id,
         )
     )
-    events.append(NewEvent(stream, version + 2, UserJoined(name=name)))
+    events.append(NewEvent(stream, version + 2, UserJoined(name=name), command_id))
     return events
 
 
@@ -172,9 +177,18 @@ def check_page(value: object, *, cap: int) -> tuple[int | None, int]:
     return before, min(limit, cap)
 
 
-def decide_chat(sender: str, version: int, message: str) -> NewEvent:
-    return NewEvent(user_stream(sender), version, MessagePosted(sender=sender, message=message))
+def check_client_id(value: object) -> str | None:
+    """A chat's own id, chosen by the client so that a retry is stored once."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= CLIENT_ID_MAX or not _CLIENT_ID.fullmatch(value):
+        raise BadPayload(f"a chat id must be 1 to {CLIENT_ID_MAX} characters of A-Z a-z 0-9 _ - . :")
+    return value
 
 
-def decide_leave(name: str, version: int, reason: str = LEFT_DISCONNECTED) -> NewEvent:
-    return NewEvent(user_stream(name), version, UserLeft(name=name, reason=reason))
+def decide_chat(sender: str, version: int, message: str, *, command_id: str | None = None) -> NewEvent:
+    return NewEvent(user_stream(sender), version, MessagePosted(sender=sender, message=message), command_id)
+
+
+def decide_leave(name: str, version: int, reason: str = LEFT_DISCONNECTED, *, command_id: str | None = None) -> NewEvent:
+    return NewEvent(user_stream(name), version, UserLeft(name=name, reason=reason), command_id)

@@ -70,6 +70,8 @@ LEFT_DISCONNECTED = "disconnected"
 LEFT_SERVER_RESTART = "server restart"
 LEFT_SERVER_SHUTDOWN = "server shutdown"
 LEFT_TAKEN_OVER = "taken over"  # the same user resumed on another socket
+# The log showed the user online for this process, but no socket held it.
+LEFT_SESSION_LOST = "session lost"
 
 
 # What a client in the lobby is entitled to see: history and replays carry these.

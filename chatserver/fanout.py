@@ -164,6 +164,12 @@ class DirectSocket(async_socket.AsyncSocket):
         out.clear()
         self._write(data)
 
+    def pending_bytes(self) -> int:
+        """Bytes sent to this socket and not yet handed to the kernel."""
+        transport = self._transport
+        buffered = transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
+        return buffered + sum(len(frame) for frame in self._out)
+
     def _write(self, data: bytes) -> None:
         transport = self._transport
         if self._dead or transport is None or transport.is_closing():

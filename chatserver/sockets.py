@@ -21,11 +21,23 @@ from . import protocol
 from .config import Settings
 from .domain import BadPayload, DomainError, NameBad, NameTaken, RateLimited, ServerFailed
 from .ratelimit import TokenBucket
-from .service import ChatService
+from .commands import Commands
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A replay page waits for the socket's unsent output to fall below these.
+DRAINED_BYTES = 256 * 1024
+DRAINED_PACKETS = 64
+DRAIN_TIMEOUT = 30.0  # seconds a replay waits for a socket that does not read
+
+
+def pending_output(sock: Any) -> tuple[int, int]:
+    """(packets, bytes) an engine.io socket has not written yet."""
+    packets = sock.queue.qsize() + len(getattr(sock, "_held", ()))
+    pending_bytes = getattr(sock, "pending_bytes", None)
+    return packets, pending_bytes() if pending_bytes is not None else 0
 
 
 class SocketIOPublisher:
@@ -46,12 +58,27 @@ class SocketIOPublisher:
     async def disconnect(self, sid: str) -> None:
         await self.sio.disconnect(sid)
 
+    async def drained(self, sid: str) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT
+        while True:
+            eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+            sock = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+            if sock is None or sock.closed:
+                return False
+            packets, pending = pending_output(sock)
+            if packets <= DRAINED_PACKETS and pending <= DRAINED_BYTES:
+                return True
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+
     def flush(self) -> None:
         pass  # python-socketio writes (or queues) every emit itself
 
 
 class SocketHandlers:
-    def __init__(self, settings: Settings, service: ChatService) -> None:
+    def __init__(self, settings: Settings, service: Commands) -> None:
         self.settings = settings
         self.service = service
         self._buckets: dict[str, TokenBucket] = {}
@@ -83,7 +110,7 @@ class SocketHandlers:
     async def on_disconnect(self, sid: str, *_reason: Any) -> None:
         self._buckets.pop(sid, None)
         self._last_rate_error.pop(sid, None)
-        await self.service.disconnect(sid)
+        self.service.disconnect(sid)
 
     async def on_login(self, sid: str, *args: Any) -> dict[str, Any]:
         name = args[0] if args else None
@@ -126,9 +153,15 @@ class SocketHandlers:
 
     async def on_chat(self, sid: str, *args: Any) -> dict[str, Any]:
         try:
-            if len(args) != 1:
-                raise BadPayload("chat takes exactly one argument, the message")
-            stored = await self._call(sid, protocol.CHAT, lambda: self.service.chat(sid, args[0]))
+            # The seed sends the message alone; a client may add {id} so that
+            # a retry of the same chat is stored once.
+            if len(args) == 1:
+                options: Any = {}
+            elif len(args) == 2 and isinstance(args[1], dict):
+                options = args[1]
+            else:
+                raise BadPayload("chat takes the message and optionally {id}")
+            stored = await self._call(sid, protocol.CHAT, lambda: self.service.chat(sid, args[0], options.get("id")))
         except DomainError as exc:
             return self._refuse(sid, protocol.CHAT, exc)
         return protocol.ack_stored(stored)

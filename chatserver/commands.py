@@ -1,0 +1,343 @@
+"""Commands: what a socket asks for, decided and appended.
+
+Each command validates its input (``domain``), does its awaits (reads of the
+store), re-checks the socket after every one of them (``lifecycle``), then
+submits the events ``domain`` decided to the single writer. Nothing is
+emitted here: replies and broadcasts go out from ``delivery`` once committed.
+
+Leaves are not awaited by anyone: a leave is submitted and its outcome fed
+back to the lifecycle by a callback; one that fails is submitted again (the
+same event, so a leave whose commit outcome was unknown cannot be stored
+twice) with a growing delay until it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+from . import domain, projections, protocol
+from .config import Settings
+from .delivery import Delivery
+from .events import (
+    LEFT_SESSION_LOST,
+    VISIBLE_TYPES,
+    MessagePosted,
+    NewEvent,
+    StoredEvent,
+    UserLoggedIn,
+    user_stream,
+)
+from .lifecycle import Drop, Effect, Leave, Session, Sessions, State
+from .store import ConcurrencyError, EventStore, StreamHead
+from .writer import EventWriter, WriterClosed
+
+log = logging.getLogger(__name__)
+
+RESUME_ATTEMPTS = 3
+EMPTY_STREAM = StreamHead(0, None)
+LEAVE_WAIT = 5.0  # seconds a login waits for the previous session of its name to close
+LEAVE_RETRY_FIRST = 0.2  # seconds before retrying a failed leave; doubles up to
+LEAVE_RETRY_MAX = 10.0
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_command_id() -> str:
+    # Server-issued ids never contain "/": a client's chat id always does.
+    return uuid.uuid4().hex
+
+
+class Commands:
+    def __init__(
+        self,
+        settings: Settings,
+        store: EventStore,
+        writer: EventWriter,
+        sessions: Sessions,
+        delivery: Delivery,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.writer = writer
+        self.sessions = sessions
+        self.delivery = delivery
+        # User stream heads as this process knows them (see _store_login).
+        self.heads: dict[str, StreamHead] = {}
+        # Reconciliation: (name, session) pairs seen orphaned once.
+        self._suspects: set[tuple[str, str]] = set()
+        self._leave_failures = 0
+
+    # -- the log as this process knows it ----------------------------------------
+    def note_heads(self, stored: list[StoredEvent]) -> None:
+        for s in stored:
+            # Only a name that is offline skips the read at login, and its
+            # head is its leave; chats (always while online) need no note.
+            if s.type == MessagePosted.type:
+                continue
+            known = self.heads.get(s.stream)
+            if known is None or s.version > known.version:
+                self.heads[s.stream] = StreamHead(s.version, s.type)
+
+    # -- effects of lifecycle transitions ------------------------------------------
+    def carry_out(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            match effect:
+                case Leave(session, reason):
+                    self._submit_leave(session, reason)
+                case Drop(sid):
+                    self.delivery.drop(sid)
+
+    def _submit_leave(self, session: Session, reason: str) -> None:
+        if session.leave_event is None:
+            session.leave_event = domain.decide_leave(
+                session.name, session.next_version(), reason, command_id=new_command_id()
+            )
+        try:
+            future = self.writer.submit([session.leave_event])
+        except WriterClosed:
+            # Shutting down: the next start closes it ("server restart").
+            self.sessions.leave_failed(session)
+            return
+        future.add_done_callback(partial(self._leave_done, session))
+
+    def _leave_done(self, session: Session, future: asyncio.Future[Any]) -> None:
+        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if exc is None:
+            self.sessions.leave_committed(session)
+            if self._leave_failures:
+                log.info("stored the leave of %s after %d failed attempt(s)", session.name, session.leave_attempts)
+                self._leave_failures = 0
+            return
+        if isinstance(exc, ConcurrencyError):
+            # Its stream moved on: another process took it over or closed it,
+            # or an earlier attempt of this very leave was stored after all.
+            self.carry_out(self.sessions.superseded(session))
+            return
+        self.sessions.leave_failed(session)
+        self._leave_failures += 1
+        if self._leave_failures == 1:
+            log.warning("could not store the leave of %s (%s); retrying until it is stored", session.name, exc)
+        delay = min(LEAVE_RETRY_MAX, LEAVE_RETRY_FIRST * 2 ** (session.leave_attempts - 1))
+        asyncio.get_running_loop().call_later(delay, self._retry_leave, session)
+
+    def _retry_leave(self, session: Session) -> None:
+        if session.state is State.LEAVE_FAILED:
+            self.carry_out([self.sessions.retry_leave(session)])
+
+    # -- commands ------------------------------------------------------------------
+    def connect(self, sid: str) -> None:
+        self.sessions.connect(sid)
+
+    def disconnect(self, sid: str) -> None:
+        self.delivery.forget(sid)
+        self.carry_out(self.sessions.disconnect(sid))
+
+    async def login(self, sid: str, raw_name: object) -> StoredEvent:
+        name = domain.check_name(raw_name)
+        await self._wait_name_free(sid, name)
+        session = self.sessions.claim(sid, name)
+        try:
+            return await self._store_login(session)
+        except BaseException:
+            self.carry_out(self.sessions.login_failed(session))
+            raise
+
+    async def _store_login(self, session: Session) -> StoredEvent:
+        stream = user_stream(session.name)
+        # A name this process knows to be offline needs no read; anything
+        # else (online, or the log moved under us) is read from the store.
+        known = self.heads.get(stream, EMPTY_STREAM)
+        head = known if not known.online else await self._read_head(session)
+        try:
+            return await self._submit_login(session, self._decide_login(session, head))
+        except ConcurrencyError:
+            if head is not known:
+                raise domain.NameTaken(f"{session.name} is already online") from None
+        head = await self._read_head(session)
+        try:
+            return await self._submit_login(session, self._decide_login(session, head))
+        except ConcurrencyError:
+            raise domain.NameTaken(f"{session.name} is already online") from None
+
+    async def _read_head(self, session: Session) -> StreamHead:
+        head = await self.store.stream_head(user_stream(session.name))
+        self._still_claiming(session)
+        return head
+
+    @staticmethod
+    def _still_claiming(session: Session) -> None:
+        """After an await: the socket may have gone in the meantime."""
+        if session.socket_gone or session.state is not State.PENDING:
+            raise domain.NotLoggedIn("the socket went away while logging in")
+
+    def _decide_login(self, session: Session, head: StreamHead) -> list[NewEvent]:
+        return domain.decide_login(
+            session.name,
+            head,
+            session=session.id,
+            node=self.settings.node_id,
+            resume_hash=hash_token(session.token),
+            command_id=new_command_id(),
+        )
+
+    async def _submit_login(self, session: Session, new: list[NewEvent]) -> StoredEvent:
+        session.version = new[-1].version
+        stored = await self.writer.submit(new)
+        # Committed: the commit callback made the session ACTIVE (or, if its
+        # socket went meanwhile, LEAVING with its leave submitted).
+        return next(s for s in stored if isinstance(s.event, UserLoggedIn))
+
+    async def _wait_name_free(self, sid: str, name: str) -> None:
+        """Wait out a leave of ``name`` that is being stored (a quick
+        reconnect), re-checking the socket afterwards."""
+        self.sessions.check_can_claim(sid)
+        holder = self.sessions.holder(name)
+        if holder is None or holder.state not in (State.LEAVING, State.LEAVE_FAILED):
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.sessions.closed(holder)), LEAVE_WAIT)
+        except TimeoutError:
+            raise domain.ServerFailed(f"the previous session of {name} is still closing; try again") from None
+        self.sessions.check_can_claim(sid)
+
+    async def resume(self, sid: str, token: object, last_position: object) -> StoredEvent:
+        """Come back under the name a resume token was issued for.
+
+        The socket then receives every visible event after ``last_position``,
+        in order, and continues live. The session the token was issued to, if
+        this process still holds it (a half-open socket), is taken over.
+        Every refusal is decided before any session is touched.
+        """
+        if not isinstance(token, str) or not 10 <= len(token) <= 200:
+            raise domain.ResumeRefused("invalid_token", "the resume token is malformed")
+        token_hash = hash_token(token)
+        grant = await projections.find_grant(self.store.engine, token_hash)
+        if grant is None:
+            raise domain.ResumeRefused("invalid_token", "the resume token is unknown or was superseded by a newer login")
+        if datetime.now(UTC) > grant.issued_at + timedelta(seconds=self.settings.resume_ttl_seconds):
+            raise domain.ResumeRefused("expired_token", "the resume token has expired")
+        head_position = await self.store.head()
+        after = domain.check_position(last_position, head_position)
+        if head_position - after > self.settings.resume_max_gap:
+            raise domain.ResumeRefused(
+                "resume_gap_too_large",
+                f"more than {self.settings.resume_max_gap} events were missed; log in again to get the history",
+            )
+        name = grant.name
+        await self._wait_name_free(sid, name)
+        holder = self.sessions.holder(name)
+        if holder is not None and holder.id != grant.session:
+            # A newer login holds the name here: the token is superseded.
+            raise domain.ResumeRefused("invalid_token", "the resume token was superseded by a newer login")
+        session = self.sessions.claim(sid, name, takeover=holder)
+        session.resume_after = after
+        try:
+            return await self._store_resume(session, token_hash, grant.session)
+        except BaseException:
+            self.carry_out(self.sessions.login_failed(session))
+            raise
+
+    async def _store_resume(self, session: Session, token_hash: str, granted_to: str) -> StoredEvent:
+        for _attempt in range(RESUME_ATTEMPTS):
+            head = await self._read_head(session)
+            # Looked at again after the head: a login that landed before the
+            # head was read has replaced the grant; one that lands after makes
+            # the append below fail on its version.
+            current = await projections.find_grant(self.store.engine, token_hash)
+            self._still_claiming(session)
+            if current is None or current.session != granted_to:
+                raise domain.ResumeRefused("invalid_token", "the resume token was superseded by a newer login")
+            new = domain.decide_resume(
+                session.name,
+                head,
+                session=session.id,
+                node=self.settings.node_id,
+                resume_hash=hash_token(session.token),
+                command_id=new_command_id(),
+            )
+            try:
+                return await self._submit_login(session, new)
+            except ConcurrencyError:
+                continue  # the old session's last appends landed in between: look again
+        raise domain.ResumeRefused("name_busy", f"{session.name} changed while resuming; log in again")
+
+    async def chat(self, sid: str, raw_message: object, raw_id: object = None) -> StoredEvent:
+        session = self.sessions.active(sid)
+        message = domain.check_message(raw_message, max_chars=self.settings.max_message_chars)
+        client_id = domain.check_client_id(raw_id)
+        command_id = f"{session.name}/{client_id}" if client_id is not None else new_command_id()
+        # No await before submit: the order of a socket's chats is the order
+        # of their submission, whatever task runs each handler.
+        future = self.writer.submit([domain.decide_chat(session.name, session.next_version(), message, command_id=command_id)])
+        try:
+            stored = await future
+        except ConcurrencyError:
+            log.warning("the stream of %s moved under its session; closing it here", session.name)
+            self.carry_out(self.sessions.superseded(session))
+            raise domain.NotStored("the chat was not stored: this session was taken over") from None
+        except Exception:
+            raise domain.NotStored("the chat was not stored") from None
+        return stored[0]
+
+    def online_users(self, sid: str) -> list[str]:
+        """Answer now (for an ack) and queue the event reply behind pending emits."""
+        self.sessions.active(sid)
+        self.delivery.reply(sid, protocol.ONLINE_USERS, self.delivery.online.names)
+        return self.delivery.online.names()
+
+    async def history(self, sid: str, request: object) -> dict[str, Any]:
+        """A page of older history: ``{before, limit}`` -> ``{items, reachedStart}``."""
+        self.sessions.active(sid)
+        before, limit = domain.check_page(request, cap=self.settings.history_page_max)
+        items = await self.store.latest(limit=limit + 1, before=before, types=VISIBLE_TYPES)
+        reached_start = len(items) <= limit
+        return protocol.history_payload(items[-limit:], reached_start)
+
+    def reply(self, sid: str, event: str, data: Any = None) -> None:
+        self.delivery.reply(sid, event, lambda: data)
+
+    # -- shutdown and reconciliation ------------------------------------------------
+    async def close_sessions(self, reason: str, timeout: float) -> None:
+        """Record the leave of every logged-in socket (graceful shutdown)."""
+        sessions = [s for s in self.sessions.live() if s.state is State.ACTIVE]
+        for session in sessions:
+            self.carry_out([self.sessions.leave(session, reason)])
+        waiting = [self.sessions.closed(s) for s in self.sessions.live() if s.state is not State.ACTIVE]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+
+    async def reconcile(self) -> None:
+        """Close what the log shows online for this process with no session
+        here holding it (a leave lost by a bug or a fault): a session must be
+        seen orphaned on two passes in a row, so anything merely in flight is
+        never touched."""
+        orphans = set()
+        for user in self.delivery.online.users():
+            if not self.sessions.is_ours(user.session):
+                continue
+            session = self.sessions.by_id(user.session)
+            if session is None or session.state is State.CLOSED:
+                orphans.add((user.name, user.session))
+        confirmed, self._suspects = orphans & self._suspects, orphans - self._suspects
+        for name, session_id in confirmed:
+            if self.sessions.holder(name) is not None:
+                continue  # a login here is deciding the name's fate
+            head = await self.store.stream_head(user_stream(name))
+            online = self.delivery.online.get(name)
+            if not head.online or online is None or online.session != session_id:
+                continue
+            try:
+                await self.writer.append(
+                    [domain.decide_leave(name, head.version + 1, LEFT_SESSION_LOST, command_id=new_command_id())]
+                )
+            except ConcurrencyError:
+                continue
+            log.warning("closed the session of %s: no socket of this process held it", name)

@@ -1,0 +1,302 @@
+"""Delivery: committed events to sockets, in log order, from one dispatcher.
+
+The writer's commit callback hands each committed batch to ``committed``;
+replies, welcome/history pushes and socket drops are queued on the same
+outbox, so every socket receives packets in the order they were produced (a
+reply queued behind a broadcast stays behind it). One dispatcher task takes
+the items one at a time: it applies each event to the live views (online
+users, recent history) once, in position order, then publishes it. It does no
+database I/O, and a failure to publish one event is logged and the next event
+still goes out: a committed event is never dropped for another's fault.
+
+A resume's missed events are replayed by a catch-up task per socket, in pages
+read from the log (no database connection held between pages), each page sent
+only once the socket's output has drained, then the socket joins the lobby
+with no await between finding nothing new and joining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import protocol
+from .config import Settings
+from .events import VISIBLE_TYPES, StoredEvent, UserLoggedIn
+from .lifecycle import Session, Sessions, State
+from .projections import OnlineUsers, RecentHistory
+from .store import EventStore
+
+log = logging.getLogger(__name__)
+
+# Events a catch-up reads and sends per page.
+REPLAY_PAGE = 200
+
+
+class Publisher(Protocol):
+    """Where emits go; the socket layer implements it.
+
+    ``enter_lobby`` must not suspend before the socket is in the room, and
+    ``broadcast`` must take its recipients before it first suspends: the
+    hand-off from a replay to live delivery relies on both.
+    """
+
+    async def send(self, sid: str, event: str, data: Any = None) -> None: ...
+
+    async def broadcast(self, event: str, data: Any = None, *, last: bool = False) -> None:
+        """``last``: nothing more is emitted before ``flush``, so it may be
+        written at once."""
+
+    async def enter_lobby(self, sid: str) -> None: ...
+
+    async def disconnect(self, sid: str) -> None: ...
+
+    async def drained(self, sid: str) -> bool:
+        """Wait until the socket's unsent output is small; False if it went
+        away or stayed full too long."""
+
+    def flush(self) -> None:
+        """Write what the emits so far queued, now rather than at the end of
+        the loop turn (a no-op where emits are written at once)."""
+
+
+# -- outbox items ---------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """Appended by this process: apply, then publish."""
+
+    events: list[StoredEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class Followed:
+    """Appended by another process sharing the log (its broadcasts reached
+    our sockets through the Redis manager): apply only."""
+
+    events: list[StoredEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    sid: str
+    event: str
+    data: Callable[[], Any]  # built when sent, so it reflects what came before
+
+
+@dataclass(frozen=True, slots=True)
+class DropSocket:
+    sid: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    pass
+
+
+OutboxItem = Committed | Followed | Reply | DropSocket | _Stop
+
+
+class Delivery:
+    def __init__(
+        self,
+        settings: Settings,
+        store: EventStore,
+        publisher: Publisher,
+        sessions: Sessions,
+        *,
+        on_followed: Callable[[list[StoredEvent]], None] = lambda _events: None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.sessions = sessions
+        self.online = OnlineUsers()
+        self.recent = RecentHistory(settings.history_size)
+        self._history_items = protocol.HistoryItems(settings.history_size)
+        self._on_followed = on_followed
+        self._outbox: asyncio.Queue[OutboxItem] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._catch_ups: dict[str, asyncio.Task[None]] = {}
+        # Own batches that arrived ahead of another process's events (a gap).
+        self._parked: list[Committed] = []
+        self.want_follow: Callable[[], None] = lambda: None
+        # The position the live views have applied.
+        self.applied = 0
+        # The position of the last own event published: a catch-up replays
+        # up to it and then joins live delivery.
+        self.dispatched = 0
+        self.first_visible: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self, online: OnlineUsers, recent: list[StoredEvent], first_visible: int | None) -> None:
+        """Start at the position ``online`` reflects (``recent`` must end there)."""
+        self.online = online
+        self.recent.apply_all(recent)
+        self.applied = self.dispatched = online.position
+        self.first_visible = first_visible
+        self._task = asyncio.create_task(self._run(), name="outbox-dispatcher")
+
+    async def stop(self) -> None:
+        for task in list(self._catch_ups.values()):
+            task.cancel()
+        await self._outbox.put(_Stop())
+        if self._task is not None:
+            await self._task
+
+    # -- what the rest of the service hands over -------------------------------
+    def committed(self, events: list[StoredEvent]) -> None:
+        self._outbox.put_nowait(Committed(events))
+
+    def followed(self, events: list[StoredEvent]) -> None:
+        self._outbox.put_nowait(Followed(events))
+
+    def reply(self, sid: str, event: str, data: Callable[[], Any]) -> None:
+        """Queue an emit to one socket behind everything already queued."""
+        self._outbox.put_nowait(Reply(sid, event, data))
+
+    def drop(self, sid: str) -> None:
+        self._outbox.put_nowait(DropSocket(sid))
+
+    def forget(self, sid: str) -> None:
+        """The socket disconnected: stop its replay."""
+        task = self._catch_ups.pop(sid, None)
+        if task is not None:
+            task.cancel()
+
+    # -- the dispatcher: the only place that emits ------------------------------
+    async def _run(self) -> None:
+        while True:
+            item = await self._outbox.get()
+            match item:
+                case _Stop():
+                    return
+                case Committed():
+                    await self._deliver(item)
+                case Followed(events):
+                    self._apply_followed(events)
+                    await self._unpark()
+                case Reply(sid, event, data):
+                    try:
+                        await self.publisher.send(sid, event, data())
+                    except Exception:
+                        log.exception("could not send %s to %s", event, sid)
+                case DropSocket(sid):
+                    try:
+                        await self.publisher.disconnect(sid)
+                    except Exception:
+                        log.exception("could not disconnect %s", sid)
+                case _:  # pragma: no cover - a new item type without a case
+                    log.error("outbox item of unknown type %r dropped", item)
+
+    async def _deliver(self, batch: Committed) -> None:
+        if batch.events[0].position > self.applied + 1:
+            # Another process appended in between: its events come first.
+            self._parked.append(batch)
+            self.want_follow()
+            return
+        await self._publish_batch(batch.events)
+        await self._unpark()
+
+    async def _unpark(self) -> None:
+        while self._parked and self._parked[0].events[0].position <= self.applied + 1:
+            await self._publish_batch(self._parked.pop(0).events)
+
+    async def _publish_batch(self, events: list[StoredEvent]) -> None:
+        last = events[-1]
+        for stored in events:
+            # Marked before publishing: a catch-up that sees this position
+            # replays the event itself and joins after the broadcast took its
+            # recipients.
+            self.dispatched = max(self.dispatched, stored.position)
+            self._apply(stored)
+            try:
+                await self._publish(stored, last=stored is last)
+            except Exception:
+                log.exception("could not publish event %d (%s); delivering the next", stored.position, stored.type)
+        # The batch's fan-out goes out before the appenders' acks.
+        self.publisher.flush()
+
+    def _apply_followed(self, events: list[StoredEvent]) -> None:
+        fresh = []
+        for stored in events:
+            if stored.position == self.applied + 1:
+                self._apply(stored)
+                fresh.append(stored)
+        if fresh:
+            self._on_followed(fresh)
+
+    def _apply(self, stored: StoredEvent) -> None:
+        """Apply to the live views, once, in position order."""
+        if stored.position <= self.applied:
+            return
+        try:
+            self.online.apply(stored)
+            self.recent.apply(stored)
+        except Exception:
+            log.exception("could not apply event %d (%s)", stored.position, stored.type)
+        self.applied = stored.position
+        if self.first_visible is None and stored.type in VISIBLE_TYPES:
+            self.first_visible = stored.position
+
+    async def _publish(self, stored: StoredEvent, *, last: bool = False) -> None:
+        event = stored.event
+        if isinstance(event, UserLoggedIn):
+            session = self.sessions.by_id(event.session)
+            if session is None or session.socket_gone or session.state is not State.ACTIVE:
+                return
+            await self.publisher.send(session.sid, protocol.WELCOME, protocol.welcome_payload(stored, session.token))
+            if session.resume_after is None:
+                size = self.settings.history_size
+                items = self.recent.last(size, before=stored.position)
+                reached_start = len(items) < size or (bool(items) and items[0].position == self.first_visible)
+                await self.publisher.send(session.sid, protocol.HISTORY, self._history_items.payload(items, reached_start))
+                await self.publisher.enter_lobby(session.sid)
+            else:
+                self._catch_ups[session.sid] = asyncio.create_task(
+                    self._catch_up(session, session.resume_after), name=f"catch-up-{session.sid}"
+                )
+            return
+        packet = protocol.live_packet(stored)
+        if packet is not None:
+            await self.publisher.broadcast(*packet, last=last)
+
+    # -- resume replays -----------------------------------------------------------
+    async def _catch_up(self, session: Session, after: int) -> None:
+        """Send ``session``'s socket every visible event after ``after`` up to
+        what the dispatcher has published, page by page, then put it in the
+        lobby: exactly once, in order."""
+        sid = session.sid
+        try:
+            while True:
+                target = self.dispatched
+                if after >= target:
+                    if session.socket_gone or session.state is not State.ACTIVE:
+                        return
+                    # No await between finding nothing new and joining.
+                    await self.publisher.enter_lobby(sid)
+                    return
+                page = await self.store.read_all(after=after, before=target + 1, limit=REPLAY_PAGE, types=VISIBLE_TYPES)
+                if session.socket_gone or session.state is not State.ACTIVE:
+                    return
+                for stored in page:
+                    packet = protocol.live_packet(stored)
+                    if packet is not None:
+                        await self.publisher.send(sid, *packet)
+                after = page[-1].position if len(page) == REPLAY_PAGE else target
+                if not await self.publisher.drained(sid):
+                    log.warning("replay to %s stalled: the socket does not read; disconnecting it", session.name)
+                    await self.publisher.disconnect(sid)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("catch-up of %s failed; disconnecting it", session.name)
+            with contextlib.suppress(Exception):
+                await self.publisher.disconnect(sid)
+        finally:
+            if self._catch_ups.get(sid) is asyncio.current_task():
+                del self._catch_ups[sid]

@@ -1,0 +1,71 @@
+"""Following the shared log: what other processes appended, handed to delivery.
+
+With several processes on one PostgreSQL log, each process's live views
+(online users, recent history, the stream heads its logins rely on) must
+include the others' events. The follower reads the log after what delivery
+has applied and hands it over as ``Followed`` items: on a timer when other
+processes are expected (Redis configured), and whenever delivery finds a gap
+before one of its own batches. Reading happens here, never in the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from .delivery import Delivery
+from .store import EventStore
+
+log = logging.getLogger(__name__)
+
+FOLLOW_PAGE = 1000
+RETRY_DELAY = 1.0  # seconds before reading again after a failed read
+
+
+class LogFollower:
+    def __init__(self, store: EventStore, delivery: Delivery, *, interval: float | None) -> None:
+        self.store = store
+        self.delivery = delivery
+        self.interval = interval  # None: read only when asked
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        delivery.want_follow = self.poke
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="log-follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            if self.interval is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            try:
+                events = await self.store.read_all(after=self.delivery.applied, limit=FOLLOW_PAGE)
+            except Exception as exc:
+                if not self._failing:
+                    log.warning("cannot read the shared log (%s); retrying", exc)
+                    self._failing = True
+                await asyncio.sleep(RETRY_DELAY)
+                self._wake.set()
+                continue
+            if self._failing:
+                log.info("reading the shared log again")
+                self._failing = False
+            if events:
+                self.delivery.followed(events)
+                if len(events) == FOLLOW_PAGE:
+                    self._wake.set()
