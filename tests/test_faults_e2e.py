@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chatserver.events import MessagePosted, UserLeft
-from tests.support import PG_BIN, Client, Postgres, log_of, running_server, settings_for
-
-pytestmark = pytest.mark.postgres
+from tests.support import PG_BIN, Client, Postgres, log_of, migrated_sqlite, running_server, settings_for
 
 
 def pg_stop(pg: Postgres) -> None:
@@ -33,13 +36,14 @@ async def chat_until(client: Client, text: str, ok: bool, timeout: float = 20.0)
     """Send ``text`` until its ack says ``ok`` (the same client id each time)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        ack = await client.call("chat", text, {"id": f"retry-{text}"})
+        ack = await client.call("chat", text, {"id": f"retry-{text[:30]}"})
         if ack["ok"] is ok:
             return dict(ack)
         assert asyncio.get_running_loop().time() < deadline, ack
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.postgres
 async def test_postgres_restart_under_load_loses_nothing_acknowledged(
     postgres: Postgres, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -96,3 +100,57 @@ async def test_postgres_restart_under_load_loses_nothing_acknowledged(
     # The outage is told once, not once per request.
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) <= 2, [r.getMessage() for r in tracebacks]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: a disk that can be filled up and freed again."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    return filler
+
+
+async def test_sqlite_on_a_full_disk_refuses_and_recovers(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db_url = migrated_sqlite(small_disk)
+    async with running_server(settings_for(db_url)) as srv:
+        alice, bobby = await Client(srv.url).connect(), await Client(srv.url).connect()
+        await alice.login("alice")
+        await bobby.login("bobby")
+        assert (await alice.call("chat", "before"))["ok"]
+        filler = await asyncio.to_thread(fill, small_disk)
+        # Full: a chat is refused, never a false ok; a leave fails to store.
+        big = "x" * 1900
+        refused = await chat_until(alice, big, ok=False)
+        assert refused["error"] == "not_stored"
+        await bobby.disconnect()
+        await asyncio.sleep(0.3)
+        filler.unlink()
+        # Space again: the server goes on by itself, the leave is stored.
+        await chat_until(alice, "after", ok=True)
+        await alice.wait_for(lambda: "bobby" in alice.events("userLeft"), timeout=20)
+        await alice.disconnect()
+    log = await log_of(db_url)
+    stored = [e.event.message for e in log if isinstance(e.event, MessagePosted)]
+    assert stored.count("before") == 1 and stored.count("after") == 1
+    leaves = [e.event for e in log if isinstance(e.event, UserLeft) and e.event.name == "bobby"]
+    assert [x.reason for x in leaves] == ["disconnected"]
