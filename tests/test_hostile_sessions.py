@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from chatserver.app import SERVICE
+from chatserver.app import SERVICE, SIO
 from chatserver.domain import decide_login
 from chatserver.events import LEFT_SESSION_LOST, LEFT_TAKEN_OVER, UserLeft
 from chatserver.store import StreamHead
@@ -242,3 +242,40 @@ async def test_flooded_logins_for_one_name_admit_exactly_one(server: InProcessSe
     finally:
         for c in clients:
             await c.disconnect()
+
+
+async def test_a_replay_to_a_socket_that_does_not_read_stays_bounded(db_url: str) -> None:
+    settings = settings_for(db_url, rate_per_second=100_000.0, rate_burst=100_000)
+    async with running_server(settings) as srv:
+        a = await Client(srv.url).connect()
+        ack = await a.login("alice")
+        token = a.events("welcome")[0]["resumeToken"]
+        await a.disconnect()
+        b = await Client(srv.url).connect()
+        await b.login("bobby")
+        for i in range(1000):
+            await b.emit("chat", f"m{i}")
+        await b.wait_for(lambda: len(b.events("chat")) == 1000, timeout=60)
+        # A polling client that resumes and then never polls again.
+        async with aiohttp.ClientSession() as http:
+            base = f"{srv.url}/socket.io/?EIO=4&transport=polling"
+            async with http.get(base) as r:
+                opened = await r.text()
+            sid = opened[opened.index('"sid":"') + 7 :].split('"')[0]
+            auth = '40{"resumeToken":"%s","lastPosition":%d}' % (token, ack["position"])
+            async with http.post(f"{base}&sid={sid}", data=auth) as r:
+                assert r.status == 200
+            await asyncio.sleep(1.0)
+            eio_socket = srv.app[SIO].eio.sockets[sid]
+            queued = eio_socket.queue.qsize()
+            # One page at most waits for the reader, not the whole gap.
+            assert 0 < queued <= 300, queued
+            # Everyone else is served meanwhile.
+            c = await Client(srv.url).connect()
+            try:
+                await c.login("carol")
+                page = await c.call("history", {"limit": 5})
+                assert page["ok"] and len(page["items"]) == 5
+            finally:
+                await c.disconnect()
+        await b.disconnect()
