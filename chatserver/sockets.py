@@ -40,6 +40,33 @@ def pending_output(sock: Any) -> tuple[int, int]:
     return packets, pending_bytes() if pending_bytes is not None else 0
 
 
+class FailureLog:
+    """Commands that failed for a reason on the server's side (a database
+    outage, say) are logged once per kind (event, exception type) and
+    interval, with a count of the ones left out: an outage is one story, not
+    one traceback per request. Kinds are few: the map stays small."""
+
+    INTERVAL = 10.0  # seconds
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._last: dict[tuple[str, type[BaseException]], float] = {}
+        self._quiet: dict[tuple[str, type[BaseException]], int] = {}
+
+    def report(self, event: str, exc: BaseException) -> None:
+        key = (event, type(exc))
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.INTERVAL:
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return
+        self._last[key] = now
+        quiet = self._quiet.pop(key, 0)
+        also = f" ({quiet} more like it since the last report)" if quiet else ""
+        # The traceback once per kind: the rest says only how often.
+        self._log.error("%s failed: %s: %s%s", event, type(exc).__name__, exc, also, exc_info=last is None)
+
+
 class SocketIOPublisher:
     """The service's publisher on a python-socketio server."""
 
@@ -84,6 +111,7 @@ class SocketHandlers:
         self._buckets: dict[str, TokenBucket] = {}
         self._last_rate_error: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._failures = FailureLog(log)
 
     def register(self, sio: socketio.AsyncServer) -> None:
         sio.on("connect", self.on_connect)
@@ -182,7 +210,7 @@ class SocketHandlers:
         except DomainError:
             raise
         except Exception as exc:
-            log.exception("%s from %s failed", event, sid)
+            self._failures.report(event, exc)
             raise ServerFailed("the server could not handle this right now; try again") from exc
 
     def _throttle(self, sid: str) -> None:
