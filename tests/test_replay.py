@@ -263,6 +263,10 @@ def test_transcript_escapes_control_characters() -> None:
         [2, "user-a", "UserJoined", time_, {"name": "bob", "room": "dev"}],
         [3, "user-a", "SomethingNew", time_, {"name": "\x1b"}],
         [4, "user-a", "UserLeft", time_, {"nom": "bob"}],
+        # Bidi controls would reorder the line: "<eve> hi" could read as
+        # another sender's; separators would break it.
+        [5, "user-e", "MessagePosted", time_, {"sender": "\u202eeve", "message": "hi \u2066x\u2069\u2028y\u200f"}],
+        [6, "user-e", "SomethingNew", time_, {"name": "\u202e"}],
     ]
     assert TextRenderer().render(rows).decode() == (
         "2026-11-25 21:55:13Z <a\\x1bb> \\x1b[31mred\\x07\n"
@@ -270,6 +274,8 @@ def test_transcript_escapes_control_characters() -> None:
         "2026-11-25 21:55:13Z #dev * bob joined\n"
         '2026-11-25 21:55:13Z * SomethingNew {"name":"\\u001b"}\n'
         '2026-11-25 21:55:13Z * UserLeft {"nom":"bob"}\n'
+        "2026-11-25 21:55:13Z <\\u202eeve> hi \\u2066x\\u2069\\u2028y\\u200f\n"
+        '2026-11-25 21:55:13Z * SomethingNew {"name":"\\u202e"}\n'
     )
 
 
