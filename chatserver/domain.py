@@ -186,7 +186,7 @@ def check_name(value: object) -> str:
     if not NAME_MIN <= len(name) <= NAME_MAX:
         raise NameBad(f"a name must be {NAME_MIN} to {NAME_MAX} characters long")
     if not name.isprintable() or not name.isascii():
-        if any(_refused_in_name(ch) for ch in name):
+        if any(_refused_in_name(ch) for ch in set(name)):
             raise NameBad("a name must be visible text: no control, format, invisible or special space characters")
     if name != name.strip(" ") or "  " in name:
         raise NameBad("a name must not start or end with a space, nor hold two spaces in a row")
@@ -209,7 +209,8 @@ def check_message(value: object, *, max_chars: int) -> str:
     if not value.isprintable():
         if _has_lone_surrogate(value):
             raise BadPayload("a chat message must be valid Unicode text (no lone surrogates)")
-        if any(_refused_in_message(ch) for ch in value):
+        # Each distinct character once: set() runs at C speed.
+        if any(_refused_in_message(ch) for ch in set(value)):
             raise BadPayload(
                 "a chat message must not contain control, format or bidi characters (newlines and tabs are fine)"
             )
