@@ -6,6 +6,7 @@ them into the protocol's events and acknowledgements.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import TypeGuard
 
@@ -255,6 +256,17 @@ def decide_resume(
     )
     events.append(NewEvent(stream, version + 2, UserJoined(name=name)))
     return events
+
+
+# Resume tokens are secrets.token_urlsafe(32): URL-safe base64. Anything else
+# is refused before it is hashed (a lone surrogate cannot even be encoded).
+_RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{10,200}")
+
+
+def check_resume_token(value: object) -> str:
+    if not isinstance(value, str) or not _RESUME_TOKEN.fullmatch(value):
+        raise ResumeRefused("invalid_token", "the resume token is malformed")
+    return value
 
 
 # Positions and counts are SQL BIGINTs: a number outside that range would fail

@@ -190,6 +190,17 @@ def test_positions() -> None:
             domain.check_position(bad, 10)
 
 
+def test_resume_tokens() -> None:
+    import secrets
+
+    token = secrets.token_urlsafe(32)  # as the server issues them
+    assert domain.check_resume_token(token) == token
+    for bad in ["\ud800" * 20, "a" * 20 + "\x00", "a" * 9, "a" * 201, "a" * 20 + "=", "\u00e9" * 20, 12345678901, None]:
+        with pytest.raises(domain.ResumeRefused) as refused:
+            domain.check_resume_token(bad)
+        assert refused.value.code == "invalid_token"
+
+
 # -- against a real server -------------------------------------------------------
 
 
@@ -336,4 +347,20 @@ async def test_numbers_out_of_range_are_bad_payload(
         assert ack["ok"] is True and ack["name"] == "alice"
     finally:
         await b.disconnect()
+    no_tracebacks(caplog)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs ChatService.resume to call domain.check_resume_token before hash_token (service.py, the lead's)",
+)
+async def test_resume_token_that_is_not_text(server: InProcessServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    c = await connected(server)
+    try:
+        ack = await c.call("resume", {"token": "\ud800" * 20, "lastPosition": 0})
+        assert ack["ok"] is False and ack["error"] == "invalid_token", ack
+        await c.login("alice")  # the socket carries on
+    finally:
+        await c.disconnect()
     no_tracebacks(caplog)
