@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import unicodedata
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from chatserver import domain
 from chatserver.domain import BadPayload, DomainError, MessageEmpty, MessageTooLong, NameBad
-from tests.support import Client, InProcessServer, log_of
+from tests.support import Client, InProcessServer, log_of, migrated_sqlite, running_server, settings_for
 
 MAX = 2000
 INT64_MAX = 2**63 - 1
@@ -213,11 +215,19 @@ async def connected(server: InProcessServer) -> Client:
     return await Client(server.url).connect()
 
 
-async def test_hostile_strings_fail_alone(server: InProcessServer, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[InProcessServer]:
+    url = migrated_sqlite(tmp_path) if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    async with running_server(settings_for(url)) as srv:
+        yield srv
+
+
+async def test_hostile_strings_fail_alone(any_server: InProcessServer, caplog: pytest.LogCaptureFixture) -> None:
     """Lone surrogates, in logins of a socket that is not logged in and in
     chats of one that is, interleaved with an innocent user's chats: each
     hostile request is refused before it reaches a batch; every innocent chat
     is stored and acknowledged."""
+    server = any_server
     caplog.set_level(logging.WARNING)
     innocent, lurker, evil = await connected(server), await connected(server), await connected(server)
     try:
