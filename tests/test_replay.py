@@ -756,6 +756,19 @@ async def test_postgres_dump_filters_and_follow(pg_url: str) -> None:
     assert ok(text) == pg.text(SHOWN)
     assert ok(chats) == pg.jsonl([7])
     assert ok(window) == "".join(csv_line(r) for r in pg.at(5, 6, 7, 8))
+    # The largest values the options take fit PostgreSQL's BIGINT and timestamptz.
+    top = str(2**63 - 1)
+    edges = [
+        (["--after", top], []),
+        (["--limit", top], ALL),
+        (["--tail", top], ALL),
+        (["--since", "1000-01-01", "--until", "9999-12-31T23:59:59.999999Z"], ALL),
+    ]
+    results = await asyncio.gather(
+        *(asyncio.to_thread(replay, pg_url, "--format", "jsonl", *args) for args, _ in edges)
+    )
+    for (args, expected), result in zip(edges, results, strict=True):
+        assert ok(result) == pg.jsonl(expected), args
 
     async with running_server(settings_for(pg_url)) as server:
         proc = await start_follow(pg_url, "--format", "jsonl", "--tail", "1")
