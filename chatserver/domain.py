@@ -125,8 +125,9 @@ _EMOJI_BLOCKS = (0x1F000, 0x1FAFF)
 # these (and whitespace) alone is empty.
 _MESSAGE_INVISIBLE_KEPT = _MESSAGE_FORMAT_KEPT | frozenset(range(0xFE00, 0xFE10)) | frozenset(range(0xE0100, 0xE01F0))
 
-# Names longer than this (before NFC) are refused without normalizing: NFC only
-# ever shortens a name by composing marks, and no real name needs this many.
+# Names longer than this (before NFC) are refused without normalizing: NFC
+# composes a character from at most a handful of code points (a base and its
+# marks), so nothing this long comes out at NAME_MAX characters.
 _NAME_RAW_MAX = NAME_MAX * 8
 
 
@@ -178,10 +179,9 @@ def check_name(value: object) -> str:
     """
     if not isinstance(value, str) or not value:
         raise NameBad("a name must be a non-empty string")
-    if len(value) > _NAME_RAW_MAX or _has_lone_surrogate(value):
-        # The length message is the true rule: the NFC form could not be short enough.
-        if len(value) > _NAME_RAW_MAX:
-            raise NameBad(f"a name must be {NAME_MIN} to {NAME_MAX} characters long")
+    if len(value) > _NAME_RAW_MAX:
+        raise NameBad(f"a name must be {NAME_MIN} to {NAME_MAX} characters long")
+    if _has_lone_surrogate(value):
         raise NameBad("a name must be valid Unicode text (no lone surrogates)")
     name = unicodedata.normalize("NFC", value)
     if not NAME_MIN <= len(name) <= NAME_MAX:
@@ -215,7 +215,7 @@ def check_message(value: object, *, max_chars: int) -> str:
             raise BadPayload(
                 "a chat message must not contain control, format or bidi characters (newlines and tabs are fine)"
             )
-    if not value.strip() or all(ch.isspace() or ord(ch) in _MESSAGE_INVISIBLE_KEPT for ch in value):
+    if all(ch.isspace() or ord(ch) in _MESSAGE_INVISIBLE_KEPT for ch in value):
         raise MessageEmpty("a chat message must not be empty")
     return value
 
@@ -264,6 +264,7 @@ _RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{10,200}")
 
 
 def check_resume_token(value: object) -> str:
+    """A resume token as sent; refused with ``invalid_token`` when it cannot be one."""
     if not isinstance(value, str) or not _RESUME_TOKEN.fullmatch(value):
         raise ResumeRefused("invalid_token", "the resume token is malformed")
     return value
