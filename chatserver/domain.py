@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import TypeGuard
 
 from .events import (
     LEFT_DISCONNECTED,
@@ -85,34 +86,139 @@ class ResumeRefused(DomainError):
         self.code = code
 
 
-def _has_control_chars(text: str, allowed: str = "") -> bool:
-    return any(unicodedata.category(ch) == "Cc" and ch not in allowed for ch in text)
+# -- text rules -----------------------------------------------------------------
+# A name is an identity: two names that look the same must be one name. So a
+# name is NFC-normalized before any check and holds only visible characters,
+# single spaces between them. A message is content: it is stored as typed (NFC
+# would rewrite some characters, such as CJK compatibility ideographs), and
+# refuses only what is invisible or can reorder or hide the text around it.
+#
+# str.isprintable() is False exactly for the categories Cc, Cf, Cs, Co, Cn, Zl,
+# Zp and Zs (but U+0020): one C-speed pass clears almost every text, and only
+# the rest is looked at character by character.
+
+# Default-ignorable code points (Unicode's DerivedCoreProperties) that are not
+# in a C or Z category, plus U+2800 (braille blank): each renders as nothing
+# or as blank, so a name holding one looks like a name without it.
+_INVISIBLE_MARKS_AND_LETTERS: tuple[tuple[int, int], ...] = (
+    (0x034F, 0x034F),  # combining grapheme joiner
+    (0x115F, 0x1160),  # Hangul choseong/jungseong fillers
+    (0x17B4, 0x17B5),  # Khmer inherent vowels
+    (0x180B, 0x180F),  # Mongolian free variation selectors
+    (0x2800, 0x2800),  # braille pattern blank
+    (0x3164, 0x3164),  # Hangul filler
+    (0xFE00, 0xFE0F),  # variation selectors
+    (0xFFA0, 0xFFA0),  # halfwidth Hangul filler
+    (0xE0100, 0xE01EF),  # variation selectors supplement
+)
+
+# Format characters a message keeps: the joiners of emoji sequences and of
+# scripts that need them (ZWNJ is ordinary spelling in Persian and Indic
+# scripts), and the tag characters of subdivision flags (England's flag is
+# U+1F3F4 followed by tags and U+E007F CANCEL TAG).
+_MESSAGE_FORMAT_KEPT = frozenset({0x200C, 0x200D, *range(0xE0020, 0xE0080)})
+
+# Phones get new emoji before servers get new Unicode tables: a code point this
+# Python does not know yet (category Cn) is kept in a message when it lies in
+# the blocks Unicode reserves for pictographs.
+_EMOJI_BLOCKS = (0x1F000, 0x1FAFF)
+
+# Whatever a message may hold that still draws no glyph: a message made of
+# these (and whitespace) alone is empty.
+_MESSAGE_INVISIBLE_KEPT = _MESSAGE_FORMAT_KEPT | frozenset(range(0xFE00, 0xFE10)) | frozenset(range(0xE0100, 0xE01F0))
+
+# Names longer than this (before NFC) are refused without normalizing: NFC
+# composes a character from at most a handful of code points (a base and its
+# marks), so nothing this long comes out at NAME_MAX characters.
+_NAME_RAW_MAX = NAME_MAX * 8
+
+
+def _invisible_in_name(ch: str) -> bool:
+    code = ord(ch)
+    return any(low <= code <= high for low, high in _INVISIBLE_MARKS_AND_LETTERS)
+
+
+def _refused_in_name(ch: str) -> bool:
+    if ch == " ":
+        return False
+    # Not printable: C* (controls, format and bidi characters, surrogates,
+    # private use, unassigned), line and paragraph separators, and every space
+    # other than U+0020 (NBSP and U+3000 look like a space or like nothing).
+    return not ch.isprintable() or _invisible_in_name(ch)
+
+
+def _refused_in_message(ch: str) -> bool:
+    if ch.isprintable() or ch in "\n\t":
+        return False
+    category = unicodedata.category(ch)
+    if category == "Zs":
+        return False  # NBSP and friends are ordinary typography in a message
+    code = ord(ch)
+    if category == "Cf":
+        return code not in _MESSAGE_FORMAT_KEPT
+    if category == "Cn":
+        return not _EMOJI_BLOCKS[0] <= code <= _EMOJI_BLOCKS[1]
+    return True  # Cc, Cs (a lone surrogate), Co, Zl, Zp
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def check_name(value: object) -> str:
-    """The seed's rule (a string of 3 to 10 characters), plus: no control characters.
+    """A login name, as the log will hold it: its NFC form, 3 to 10 characters.
 
-    Names are compared exactly, as the seed does. HTML in a name is allowed:
-    names are text, and clients must show them as text.
+    Refused (``name_bad``): anything but a string; lone surrogates; control,
+    format and bidi characters, private-use and unassigned code points, line
+    and paragraph separators, spaces other than U+0020 and other invisible
+    characters (variation selectors, fillers); a space at either end or two in
+    a row. Case is kept and compared exactly, as in the seed. HTML in a name is
+    allowed: names are text, and clients must show them as text.
     """
     if not isinstance(value, str) or not value:
         raise NameBad("a name must be a non-empty string")
-    if not NAME_MIN <= len(value) <= NAME_MAX:
+    if len(value) > _NAME_RAW_MAX:
         raise NameBad(f"a name must be {NAME_MIN} to {NAME_MAX} characters long")
-    if _has_control_chars(value) or not value.strip():
-        raise NameBad("a name must be printable text")
-    return value
+    if _has_lone_surrogate(value):
+        raise NameBad("a name must be valid Unicode text (no lone surrogates)")
+    name = unicodedata.normalize("NFC", value)
+    if not NAME_MIN <= len(name) <= NAME_MAX:
+        raise NameBad(f"a name must be {NAME_MIN} to {NAME_MAX} characters long")
+    if not name.isprintable() or not name.isascii():
+        if any(_refused_in_name(ch) for ch in set(name)):
+            raise NameBad("a name must be visible text: no control, format, invisible or special space characters")
+    if name != name.strip(" ") or "  " in name:
+        raise NameBad("a name must not start or end with a space, nor hold two spaces in a row")
+    return name
 
 
 def check_message(value: object, *, max_chars: int) -> str:
+    """A chat message, stored as typed (not normalized).
+
+    Keeps newlines, tabs, every space character, emoji joiners (ZWJ, ZWNJ),
+    variation selectors and tag characters; refuses (``bad_payload``) lone
+    surrogates, other control and format characters (bidi controls included),
+    private-use code points, line and paragraph separators, and code points
+    unassigned in this server's Unicode version outside the emoji blocks.
+    """
     if not isinstance(value, str):
         raise BadPayload("a chat message must be a string")
-    if not value.strip():
-        raise MessageEmpty("a chat message must not be empty")
     if len(value) > max_chars:
         raise MessageTooLong(f"a chat message may have at most {max_chars} characters")
-    if _has_control_chars(value, allowed="\n\t"):
-        raise BadPayload("a chat message must not contain control characters")
+    if not value.isprintable():
+        if _has_lone_surrogate(value):
+            raise BadPayload("a chat message must be valid Unicode text (no lone surrogates)")
+        # Each distinct character once: set() runs at C speed.
+        if any(_refused_in_message(ch) for ch in set(value)):
+            raise BadPayload(
+                "a chat message must not contain control, format or bidi characters (newlines and tabs are fine)"
+            )
+    if all(ch.isspace() or ord(ch) in _MESSAGE_INVISIBLE_KEPT for ch in value):
+        raise MessageEmpty("a chat message must not be empty")
     return value
 
 
@@ -156,24 +262,49 @@ def decide_resume(
     return events
 
 
+# Resume tokens are secrets.token_urlsafe(32): URL-safe base64. Anything else
+# is refused before it is hashed (a lone surrogate cannot even be encoded).
+_RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{10,200}")
+
+
+def check_resume_token(value: object) -> str:
+    """A resume token as sent; refused with ``invalid_token`` when it cannot be one."""
+    if not isinstance(value, str) or not _RESUME_TOKEN.fullmatch(value):
+        raise ResumeRefused("invalid_token", "the resume token is malformed")
+    return value
+
+
+# Positions and counts are SQL BIGINTs: a number outside that range would fail
+# in the database driver, after the request has been accepted.
+INT64_MAX = 2**63 - 1
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    # JSON true/false decode to bool, a subclass of int: they are not numbers here.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_position(value: object, head: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= head:
+    """A position the client has seen: an integer from 0 to the log's head."""
+    if not _is_int(value) or not 0 <= value <= min(head, INT64_MAX):
         raise BadPayload(f"a position must be an integer from 0 to {head}")
     return value
 
 
 def check_page(value: object, *, cap: int) -> tuple[int | None, int]:
-    """``{before, limit}`` of a history page request."""
+    """``{before, limit}`` of a history page request: ``before`` a position
+    from 1 to 2**63-1 (or absent: the latest), ``limit`` an integer from 1 to
+    2**63-1, served as at most ``cap``."""
     if value is None:
         value = {}
     if not isinstance(value, dict):
         raise BadPayload("history takes an object {before, limit}")
     before = value.get("before")
     limit = value.get("limit", cap)
-    if before is not None and (isinstance(before, bool) or not isinstance(before, int) or before < 1):
-        raise BadPayload("before must be a positive integer position")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise BadPayload("limit must be a positive integer")
+    if before is not None and (not _is_int(before) or not 1 <= before <= INT64_MAX):
+        raise BadPayload(f"before must be an integer position from 1 to {INT64_MAX}")
+    if not _is_int(limit) or not 1 <= limit <= INT64_MAX:
+        raise BadPayload(f"limit must be an integer from 1 to {INT64_MAX}")
     return before, min(limit, cap)
 
 

@@ -20,11 +20,14 @@ import signal
 import sqlite3
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TextIO
 from urllib.parse import quote
+
+import orjson
 
 from .config import database_url_from_env
 from .events import TYPE_ALIASES, UserLoggedIn, user_stream
@@ -84,6 +87,12 @@ formats:
 times (--since, --until): ISO 8601, UTC unless an offset is given
   (2026-11-25, 2026-11-25T21:55, "2026-11-25 21:55:13+01:00"), or a time
   ago: 30s, 15m, 2h, 7d, 1w. --since is inclusive, --until exclusive.
+  Times must fall in the years 1000 to 9999 (UTC).
+
+numbers (--after, --limit, --tail): whole numbers from 0 to 9223372036854775807
+  (2**63-1, the log's largest position). --user, --room: valid UTF-8, at most
+  1000 different values each; --user matches the name in NFC, as the server
+  stores it. Any value that cannot be used exits 2 with one line on stderr.
 
 examples:
   chat-replay                                   the whole transcript
@@ -132,30 +141,60 @@ class _Parser(argparse.ArgumentParser):
 _AGO = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
+# Positions and counts go to SQL as BIGINTs: beyond this, the database driver
+# fails (SQLite: OverflowError), so such a value is a usage error.
+INT64_MAX = 2**63 - 1
+
+# Times go to SQLite as text compared as text, with a four-digit year: a year
+# before 1000 would print with fewer digits and compare wrongly.
+TIME_MIN = datetime(1000, 1, 1, tzinfo=UTC)
+TIME_MAX = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+# A --user, --room or --type list longer than this is refused: each value is
+# one SQL parameter, and SQLite and asyncpg stop at about 32,000.
+MAX_VALUES = 1000
+
+
+def _shown(value: str, width: int = 40) -> str:
+    """A value quoted for a one-line error, cut short when it is long."""
+    return repr(value if len(value) <= width else value[:width] + "...")
+
 
 def parse_time(value: str, *, now: datetime | None = None) -> datetime:
     """ISO 8601 (UTC when no offset is given) or a time ago (15m, 2h, 7d)."""
     text = value.strip()
     ago = _AGO.fullmatch(text)
     if ago:
-        seconds = float(ago.group(1)) * _UNIT_SECONDS[ago.group(2).lower()]
-        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+        try:
+            seconds = float(ago.group(1)) * _UNIT_SECONDS[ago.group(2).lower()]
+            moment = (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+        except OverflowError:  # more than timedelta or datetime can hold
+            moment = None
+        if moment is None or moment < TIME_MIN:
+            raise argparse.ArgumentTypeError(f"{_shown(value)} is too long ago: the earliest time is year 1000")
+        return moment
     try:
-        moment = datetime.fromisoformat(text)  # also takes a trailing Z
+        parsed = datetime.fromisoformat(text)  # also takes a trailing Z
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not a time: use ISO 8601 (2026-11-25T21:55:13Z) or a time ago (15m, 2h, 7d)"
+            f"{_shown(value)} is not a time: use ISO 8601 (2026-11-25T21:55:13Z) or a time ago (15m, 2h, 7d)"
         ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        moment = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:  # the offset moves it out of years 1 to 9999
+        moment = None
+    if moment is None or not TIME_MIN <= moment <= TIME_MAX:
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is out of range: use a time in the years 1000 to 9999 UTC")
+    return moment
 
 
 def _count(value: str) -> int:
     try:
         number = int(value)
-    except ValueError:
+    except ValueError:  # also a number of more than 4,300 digits
         number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    if not 0 <= number <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {INT64_MAX}, got {_shown(value)}")
     return number
 
 
@@ -164,8 +203,9 @@ def _seconds(value: str) -> float:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds <= 3600:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0 (at most 3600), got {value!r}")
+    # NaN fails every comparison, so it is refused here too.
+    if not 0.01 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0.01 to 3600, got {_shown(value)}")
     return seconds
 
 
@@ -188,7 +228,25 @@ def _types(value: str) -> list[str]:
 def _text(value: str) -> str:
     if not value:
         raise argparse.ArgumentTypeError("expected a non-empty value")
+    if not _is_utf8(value):
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is not valid UTF-8 text")
     return value
+
+
+def _user(value: str) -> str:
+    # The server stores names in NFC: a name typed in NFD (as some keyboards
+    # and file systems produce it) is the same name.
+    return unicodedata.normalize("NFC", _text(value))
+
+
+def _is_utf8(value: str) -> bool:
+    # Bytes of an argument that are not UTF-8 arrive as lone surrogates
+    # (surrogateescape), which no database driver can send.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="events after this position (exclusive): for incremental dumps",
     )
     what.add_argument(
-        "--user", action="append", type=_text, metavar="NAME",
+        "--user", action="append", type=_user, metavar="NAME",
         help="events about this user (stream user-NAME: logins, joins, chats, leaves); repeatable",
     )
     what.add_argument(
@@ -262,6 +320,9 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> O
         parser.error("--follow does not combine with --until")
     if args.since is not None and args.until is not None and args.since >= args.until:
         parser.error("--since must be earlier than --until")
+    for option, values in (("--user", args.user), ("--room", args.room)):
+        if values and len(set(values)) > MAX_VALUES:
+            parser.error(f"at most {MAX_VALUES} different values of {option}")
     types = tuple(dict.fromkeys(t for group in args.type for t in group)) if args.type else None
     # The transcript leaves logins out unless they are asked for: each one
     # is followed by a join in the same commit.
@@ -427,7 +488,9 @@ def open_sqlite(url: str) -> sqlite3.Connection:
 
     try:
         conn = sqlite3.connect(
-            f"file:{quote(str(path.resolve()))}?mode=ro",
+            # As bytes: a file name that is not UTF-8 (from undecodable
+            # bytes of the argument) still names its file.
+            f"file:{quote(os.fsencode(path.resolve()))}?mode=ro",
             uri=True,
             isolation_level=None,  # autocommit: each read sees the latest commit
             timeout=10,
@@ -484,6 +547,14 @@ def replay_sqlite(options: Options, out: Output, progress: Progress) -> None:
                 seen = head
     except sqlite3.Error as exc:
         raise ReplayError(EXIT_UNREACHABLE, f"cannot read {sqlite_path(options.url)}: {exc}") from None
+    except orjson.JSONDecodeError as exc:
+        # SQLite's JSON functions take a lone surrogate escape (\ud800) that
+        # no UTF-8 output can hold; our server never writes one, another tool may.
+        raise ReplayError(
+            EXIT_UNREACHABLE,
+            f"cannot read {sqlite_path(options.url)}: an event after position {job.last_position} "
+            f"holds a payload that is not valid Unicode ({_one_line(exc)})",
+        ) from None
     finally:
         progress.done()
         conn.close()
@@ -508,6 +579,10 @@ async def connect_pg(url: str) -> Any:
             EXIT_NOT_MIGRATED,
             f"PostgreSQL at {where} has no database {parsed.database!r}: create it, then {MIGRATE_HINT}",
         ) from None
+    except ValueError as exc:
+        # asyncpg's ClientConfigurationError (a ValueError): a setting in the
+        # URL that asyncpg cannot use, such as ?sslmode=bogus.
+        raise ReplayError(EXIT_USAGE, f"the database URL cannot be used: {_one_line(exc)}") from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ReplayError(EXIT_UNREACHABLE, f"cannot reach PostgreSQL at {where}: {_one_line(exc)}") from None
     try:
@@ -608,16 +683,24 @@ def backend(url: str) -> str:
     import sqlalchemy as sa
 
     try:
-        name = sa.make_url(url).get_backend_name()
-    except sa.exc.ArgumentError:
+        parsed = sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ReplayError(
             EXIT_USAGE,
             "the database URL is not a URL "
             "(expected sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST:PORT/DB)",
         ) from None
-    if name not in ("sqlite", "postgresql"):
-        shown = sa.make_url(url).render_as_string(hide_password=True)
+    name = parsed.get_backend_name()
+    if name == "sqlite":
+        return name  # a file name may hold any bytes (see open_sqlite)
+    # What goes to a server must be text (and rendering the URL needs it too).
+    if not _is_utf8(url):
+        raise ReplayError(EXIT_USAGE, "the database URL is not valid UTF-8 text")
+    shown = parsed.render_as_string(hide_password=True)
+    if name != "postgresql":
         raise ReplayError(EXIT_USAGE, f"{shown}: chat-replay reads SQLite or PostgreSQL, not {name}")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ReplayError(EXIT_USAGE, f"{shown}: the port must be from 1 to 65535")
     return name
 
 

@@ -99,13 +99,23 @@ class CsvRenderer:
 
 
 # Control characters would let a logged message drive the reader's terminal:
-# the transcript shows them escaped (\x1b). Messages keep tabs and newlines;
-# a message's further lines are indented under its first.
-_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+# the transcript shows them escaped (\x1b). Bidi controls would reorder the
+# rest of the line on a terminal that applies them (a message could seem to
+# come from someone else), and line and paragraph separators break lines on
+# some: they show escaped too (\u202e). The server refuses all of these in
+# names and messages; a log written by other means may still hold them.
+# Messages keep tabs and newlines; a message's further lines are indented
+# under its first.
+_BIDI_AND_SEPARATORS = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029)
+_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    **{code: f"\\u{code:04x}" for code in _BIDI_AND_SEPARATORS},
+}
 _NAME_TABLE = str.maketrans(_ESCAPES)
 _MESSAGE_TABLE = str.maketrans({k: v for k, v in _ESCAPES.items() if chr(k) not in "\t\n"})
-_NAME_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_MESSAGE_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_BIDI_CLASS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029"
+_NAME_CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI_CLASS}]")
+_MESSAGE_CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI_CLASS}]")
 
 _RESET = "\x1b[0m"
 _DIM = "\x1b[2m"

@@ -263,6 +263,10 @@ def test_transcript_escapes_control_characters() -> None:
         [2, "user-a", "UserJoined", time_, {"name": "bob", "room": "dev"}],
         [3, "user-a", "SomethingNew", time_, {"name": "\x1b"}],
         [4, "user-a", "UserLeft", time_, {"nom": "bob"}],
+        # Bidi controls would reorder the line: "<eve> hi" could read as
+        # another sender's; separators would break it.
+        [5, "user-e", "MessagePosted", time_, {"sender": "\u202eeve", "message": "hi \u2066x\u2069\u2028y\u200f"}],
+        [6, "user-e", "SomethingNew", time_, {"name": "\u202e"}],
     ]
     assert TextRenderer().render(rows).decode() == (
         "2026-11-25 21:55:13Z <a\\x1bb> \\x1b[31mred\\x07\n"
@@ -270,6 +274,8 @@ def test_transcript_escapes_control_characters() -> None:
         "2026-11-25 21:55:13Z #dev * bob joined\n"
         '2026-11-25 21:55:13Z * SomethingNew {"name":"\\u001b"}\n'
         '2026-11-25 21:55:13Z * UserLeft {"nom":"bob"}\n'
+        "2026-11-25 21:55:13Z <\\u202eeve> hi \\u2066x\\u2069\\u2028y\\u200f\n"
+        '2026-11-25 21:55:13Z * SomethingNew {"name":"\\u202e"}\n'
     )
 
 
@@ -321,7 +327,10 @@ def replay_in_process(url: str, *args: str) -> tuple[int, str, str]:
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     try:
-        code = replay_module.main(["--database-url", url, *args])
+        try:
+            code = replay_module.main(["--database-url", url, *args])
+        except SystemExit as exit_:  # argparse's answer to a usage error
+            code = exit_.code  # type: ignore[assignment]
     finally:
         sys.stdout, sys.stderr = saved
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -384,6 +393,98 @@ def test_usage_errors_exit_2_with_one_line(log: Log) -> None:
         assert result.stdout == ""
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("chat-replay: "), (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+NOT_UTF8 = os.fsdecode(b"x\xff")  # how Python sees an argument whose bytes are not UTF-8
+
+
+def test_unusable_values_exit_2_with_one_line(log: Log) -> None:
+    """Values the CLI parses but cannot use (issue 10): out of the BIGINT
+    range, out of datetime's range, not UTF-8, a URL it cannot connect with."""
+    cases = [
+        ["--after", "1" + "0" * 30],
+        ["--after", str(2**63)],
+        ["--after", "9" * 5000],  # more digits than int() takes
+        ["--limit", "1" + "0" * 30],
+        ["--tail", "1" + "0" * 30],
+        ["--since", "99999999999d"],
+        ["--until", "99999999999d"],
+        ["--since", "1000000d"],  # before year 1000
+        ["--since", "1" + "0" * 400 + "s"],
+        ["--since", "9999-12-31T23:59:59-05:00"],  # beyond year 9999 in UTC
+        ["--until", "0001-01-01T00:00+01:00"],  # before year 1 in UTC
+        ["--since", "0300-01-01"],
+        ["--interval", "nan"],
+        ["--interval", "1e-300"],
+        ["--user", NOT_UTF8],
+        ["--room", NOT_UTF8],
+        ["--since", NOT_UTF8],
+        [arg for i in range(1001) for arg in ("--user", f"u{i}")],
+        ["--database-url", "postgresql+asyncpg://u@127.0.0.1:abc/db"],
+        ["--database-url", "postgresql+asyncpg://u@[::1/db"],
+        ["--database-url", "postgresql+asyncpg://u@127.0.0.1:0/db"],
+        ["--database-url", "postgresql+asyncpg://u@127.0.0.1:70000/db"],
+        ["--database-url", f"postgresql+asyncpg://{NOT_UTF8}@127.0.0.1:1/db"],
+        ["--database-url", "postgresql+asyncpg://u@127.0.0.1:1/db?sslmode=bogus"],
+    ]
+    # In this process (quick): a traceback would be an exception here. A few
+    # through the real console script as well, and the URL from the environment.
+    answers = [replay_in_process(log.url, *args) for args in cases]
+    real = [cases[0], cases[5], cases[14], cases[22], cases[23]]
+    answers += [(r.returncode, r.stdout, r.stderr) for r in replay_all(log.url, real)]
+    env_url = replay("postgresql+asyncpg://u@127.0.0.1:x/db")
+    answers.append((env_url.returncode, env_url.stdout, env_url.stderr))
+    for args, (code, out, err) in zip([*cases, *real, ["CHAT_DATABASE_URL"]], answers, strict=True):
+        shown = [a[:60] for a in args[:4]]
+        assert code == 2, (shown, err[-300:])
+        assert out == ""
+        assert err.count("\n") == 1 and err.startswith("chat-replay: "), (shown, err)
+        assert "Traceback" not in err and len(err) < 400, (shown, err)  # a long value is cut short
+
+
+def test_largest_usable_values(log: Log) -> None:
+    top = str(2**63 - 1)
+    cases: list[tuple[list[str], list[int]]] = [
+        (["--after", top], []),
+        (["--limit", top], ALL),
+        (["--tail", top], ALL),
+        (["--since", "1000-01-01"], ALL),
+        (["--until", "9999-12-31T23:59:59.999999Z"], ALL),
+        (["--since", "9999-12-31"], []),
+        (["--since", "365000d"], ALL),
+    ]
+    for args, positions in cases:
+        assert replay_in_process(log.url, "--format", "jsonl", *args) == (0, log.jsonl(positions), ""), args
+    many = [arg for i in range(999) for arg in ("--user", f"u{i}")]
+    assert replay_in_process(log.url, "--format", "jsonl", *many, "--user", "bob") == (0, log.jsonl([3, 4, 6, 8]), "")
+
+
+def insert_events(url: str, rows: list[tuple[str, str, str]]) -> None:
+    """(stream, type, payload JSON text) rows appended straight to the table."""
+    with sqlite3.connect(os.fsencode(url.split(":///", 1)[1])) as conn:
+        conn.executemany(
+            "INSERT INTO events (position, stream, version, type, payload, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(i, stream, i, type_, payload, "2026-01-01 00:00:00.000000")
+             for i, (stream, type_, payload) in enumerate(rows, start=1)],
+        )
+
+
+def test_user_in_nfd_and_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    url = migrated_sqlite(tmp_path, os.fsdecode(b"log-\xff.db"))
+    insert_events(url, [("user-jos\u00e9", "UserJoined", '{"name":"jos\u00e9","room":"lobby"}')])
+    result = replay(url, "--user", "jose\u0301")  # NFD, as some keyboards type it
+    assert ok(result) == "2026-01-01 00:00:00Z * jos\u00e9 joined\n"
+
+
+def test_a_payload_that_is_not_unicode_exits_4(tmp_path: Path) -> None:
+    # SQLite's JSON takes a lone surrogate escape; our server never writes
+    # one (it refuses them), another tool might.
+    url = migrated_sqlite(tmp_path)
+    insert_events(url, [("user-x", "MessagePosted", '{"sender":"x","message":"a\\ud800b","room":"lobby"}')])
+    for fmt in ("text", "csv"):
+        result = replay(url, "--format", fmt)
+        assert result.returncode == 4 and result.stderr.count("\n") == 1, result.stderr
+        assert "not valid Unicode" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_database_is_not_created(tmp_path: Path) -> None:
@@ -655,6 +756,19 @@ async def test_postgres_dump_filters_and_follow(pg_url: str) -> None:
     assert ok(text) == pg.text(SHOWN)
     assert ok(chats) == pg.jsonl([7])
     assert ok(window) == "".join(csv_line(r) for r in pg.at(5, 6, 7, 8))
+    # The largest values the options take fit PostgreSQL's BIGINT and timestamptz.
+    top = str(2**63 - 1)
+    edges = [
+        (["--after", top], []),
+        (["--limit", top], ALL),
+        (["--tail", top], ALL),
+        (["--since", "1000-01-01", "--until", "9999-12-31T23:59:59.999999Z"], ALL),
+    ]
+    results = await asyncio.gather(
+        *(asyncio.to_thread(replay, pg_url, "--format", "jsonl", *args) for args, _ in edges)
+    )
+    for (args, expected), result in zip(edges, results, strict=True):
+        assert ok(result) == pg.jsonl(expected), args
 
     async with running_server(settings_for(pg_url)) as server:
         proc = await start_follow(pg_url, "--format", "jsonl", "--tail", "1")
