@@ -216,8 +216,7 @@ class Commands:
         this process still holds it (a half-open socket), is taken over.
         Every refusal is decided before any session is touched.
         """
-        if not isinstance(token, str) or not 10 <= len(token) <= 200:
-            raise domain.ResumeRefused("invalid_token", "the resume token is malformed")
+        token = domain.check_resume_token(token)
         token_hash = hash_token(token)
         grant = await projections.find_grant(self.store.engine, token_hash)
         if grant is None:

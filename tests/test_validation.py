@@ -360,10 +360,6 @@ async def test_numbers_out_of_range_are_bad_payload(
     no_tracebacks(caplog)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs ChatService.resume to call domain.check_resume_token before hash_token (service.py, the lead's)",
-)
 async def test_resume_token_that_is_not_text(server: InProcessServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     c = await connected(server)

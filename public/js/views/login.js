@@ -50,7 +50,8 @@
       if (this.model.get('busy')) {
         return;
       }
-      this.vent.trigger('login', this.$('#nameInput').val());
+      // The server refuses spaces at either end of a name (look-alikes).
+      this.vent.trigger('login', String(this.$('#nameInput').val() || '').trim());
     }
   });
 })(ChatApp, Backbone);
