@@ -72,11 +72,18 @@ def _configure_sqlite(engine: AsyncEngine, *, begin: str | None) -> None:
         conn.exec_driver_sql(begin)
 
 
+def _schema(conn: sa.Connection) -> tuple[set[str], set[str]]:
+    inspector = sa.inspect(conn)
+    tables = set(inspector.get_table_names())
+    columns = {c["name"] for c in inspector.get_columns("events")} if "events" in tables else set()
+    return tables, columns
+
+
 async def check_migrated(engine: AsyncEngine) -> None:
     """Raise DatabaseNotMigrated unless the schema alembic creates is there."""
     try:
         async with engine.connect() as conn:
-            names = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+            names, event_columns = await conn.run_sync(_schema)
     except (OSError, sa.exc.DBAPIError) as exc:
         raise DatabaseUnavailable(f"cannot open the database: {exc}") from exc
     missing = {"alembic_version", "events", "online_users", "projection_positions", "resume_tokens"} - names
@@ -86,3 +93,6 @@ async def check_migrated(engine: AsyncEngine) -> None:
             + ", ".join(sorted(missing))
             + "); run `alembic upgrade head` first"
         )
+    if "command_id" not in event_columns:
+        # Migration 0003: the writer stores every event's command id.
+        raise DatabaseNotMigrated("the database schema is older than this server; run `alembic upgrade head`")

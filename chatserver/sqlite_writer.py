@@ -67,6 +67,9 @@ class _Result:
         self._rows = rows
         self.rowcount = rowcount
 
+    def all(self) -> list[Any]:
+        return self._rows
+
     def scalar_one(self) -> Any:
         if len(self._rows) != 1:
             raise sa.exc.InvalidRequestError(f"expected one row, got {len(self._rows)}")
