@@ -8,6 +8,7 @@ process, the rebuild command) queue on SQLite's lock instead of failing late.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import orjson
@@ -22,6 +23,75 @@ class DatabaseNotMigrated(Exception):
 
 class DatabaseUnavailable(Exception):
     """The database cannot be opened or reached."""
+
+
+class CommitFailed(Exception):
+    """COMMIT itself raised: the transaction may be stored or not. ``result``
+    is what the transaction's body returned, to look its outcome up."""
+
+    def __init__(self, result: Any, error: BaseException) -> None:
+        super().__init__(f"COMMIT failed: {describe(error)}")
+        self.result = result
+        self.error = error
+
+
+# Errors that say the database cannot work right now, whatever was asked of
+# it (as opposed to a request it refused): PostgreSQL SQLSTATE classes
+# connection exception, insufficient resources (disk full, too many
+# connections), operator intervention (shutdown, restart) and system error
+# (I/O); SQLite's primary result codes of the same kinds.
+_PG_UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
+_SQLITE_UNAVAILABLE = frozenset(
+    {
+        "SQLITE_BUSY",  # the busy timeout ran out ("database is locked")
+        "SQLITE_LOCKED",
+        "SQLITE_FULL",
+        "SQLITE_IOERR",
+        "SQLITE_CANTOPEN",
+        "SQLITE_READONLY",
+        "SQLITE_NOMEM",
+        "SQLITE_CORRUPT",
+        "SQLITE_NOTADB",
+        "SQLITE_PROTOCOL",
+        "SQLITE_NOLFS",
+    }
+)
+
+
+def is_unavailable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it wraps) means the database is unavailable:
+    down, unreachable, out of space or locked, rather than refusing one
+    request's statements."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DatabaseUnavailable | OSError | sa.exc.TimeoutError | sa.exc.DisconnectionError):
+            return True
+        if isinstance(exc, sa.exc.DBAPIError):
+            if exc.connection_invalidated:
+                return True
+            exc = exc.orig
+            continue
+        if isinstance(exc, sqlite3.Error):
+            name = getattr(exc, "sqlite_errorname", "") or ""
+            return "_".join(name.split("_")[:2]) in _SQLITE_UNAVAILABLE
+        sqlstate = getattr(exc, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate:
+            return sqlstate[:2] in _PG_UNAVAILABLE_CLASSES
+        exc = exc.__cause__
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the log: the driver's error, not SQLAlchemy's statement
+    and parameters (a batch's parameters are users' messages)."""
+    while isinstance(exc, sa.exc.DBAPIError | CommitFailed):
+        inner = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc.error
+        if inner is None:
+            break
+        exc = inner
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _json_dumps(value: Any) -> str:
