@@ -112,7 +112,13 @@ def create_engine(url: str, *, writer: bool = False, **kwargs: Any) -> AsyncEngi
         if "poolclass" not in kwargs:
             # One connection: appends have one writer (see writer.py).
             options.update(pool_size=1, max_overflow=0)
-    elif sqlite:
+    elif not sqlite:
+        # A restart of the server breaks every pooled connection; without a
+        # ping the first request to use one fails although the server is
+        # back (the pool only then discards the rest). The cost: one round
+        # trip per checkout.
+        options.update(pool_pre_ping=True)
+    if sqlite and not writer:
         # Reads run in autocommit (each statement sees one WAL snapshot), so
         # a read is one round trip to aiosqlite's thread, not BEGIN, the
         # query and a ROLLBACK when the connection goes back to the pool.

@@ -295,7 +295,11 @@ class EventWriter:
                 len(outcome.stored), describe(lost.error),
             )
             return outcome
-        log.warning("COMMIT of %d event(s) failed (%s) and they are not stored", len(outcome.stored), describe(lost.error))
+        # Once per outage, like the outage itself: a full disk fails every COMMIT.
+        log.log(
+            logging.WARNING if self._failed_batches == 1 else logging.DEBUG,
+            "COMMIT of %d event(s) failed (%s) and they are not stored", len(outcome.stored), describe(lost.error),
+        )
         for request in batch:
             self._fail(request, _chained(DatabaseUnavailable(f"not stored: {describe(lost.error)}"), lost.error))
         return None
