@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .events import (
@@ -204,6 +204,13 @@ def _by_command(n: int) -> sa.Select[Any]:
     )
 
 
+# PostgreSQL takes the ids as one array parameter: one statement, one bind.
+_BY_COMMAND_PG = (
+    sa.select(*_by_command(1).selected_columns)
+    .where(events_table.c.command_id == sa.func.any(sa.bindparam("ids", type_=ARRAY(sa.String))))
+    .order_by(events_table.c.position)
+)
+
 _BETWEEN = sa.select(events_table.c.position, events_table.c.stream, events_table.c.version).where(
     events_table.c.position.between(sa.bindparam("first"), sa.bindparam("last"))
 )
@@ -273,6 +280,16 @@ class EventStore:
         in position order, read in the caller's transaction (under ``lock``
         for an answer no concurrent append can change)."""
         found: dict[str, list[StoredEvent]] = {}
+        if self._postgres:
+            # Until autovacuum first analyzes the table, the planner guesses
+            # that an ANY of many ids matches a large share of it and scans
+            # it all, in every append: measured 16k -> 3k appends/s on a
+            # fresh log. The index is always right for this lookup.
+            await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            for row in (await conn.execute(_BY_COMMAND_PG, {"ids": list(ids)})).all():
+                event = _raw_row_to_event(row)
+                found.setdefault(event.command_id or "", []).append(event)
+            return found
         pending = sorted(set(ids))
         for start in range(0, len(pending), _LOOKUP_CHUNK):
             chunk = pending[start : start + _LOOKUP_CHUNK]

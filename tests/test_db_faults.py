@@ -269,10 +269,14 @@ async def test_postgres_stopped_and_started_under_load(
         assert await store.head() > 0  # the reader's pool holds a connection too
         await asyncio.to_thread(postgres.stop_server)
         try:
+            # Down for a while under load. Requests fail as they come, unless
+            # the stop cut a COMMIT: then the writer waits for the lookup's
+            # answer and later requests wait behind it.
             failed_before = len(load.failed)
-            async with asyncio.timeout(10):
-                while len(load.failed) < failed_before + 10:
-                    await asyncio.sleep(0.01)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    while len(load.failed) < failed_before + 10:
+                        await asyncio.sleep(0.01)
         finally:
             await asyncio.to_thread(postgres.start_server)
         acked_while_down = len(load.acked)
@@ -286,7 +290,9 @@ async def test_postgres_stopped_and_started_under_load(
         log = await store.read_all()
     finally:
         await read_engine.dispose()
-    assert load.failed and all(isinstance(exc, DatabaseUnavailable) for _, exc in load.failed)
+    # None failed only if the stop cut a COMMIT that the lookup found stored.
+    assert load.failed or logged(caplog, "the lookup found them stored") == 1
+    assert all(isinstance(exc, DatabaseUnavailable) for _, exc in load.failed)
     check_log_against_answers(load, log)
     assert logged(caplog, "database unavailable") == 1
     assert logged(caplog, "database available again after") == 1
