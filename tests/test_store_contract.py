@@ -272,3 +272,8 @@ async def test_postgres_late_commit_is_not_skipped_by_a_tail(pg_url: str) -> Non
     finally:
         for e in (engine, writer_a, writer_b):
             await e.dispose()
+
+
+def test_encode_keeps_text_that_only_looks_like_a_nul() -> None:
+    text = r"the escape \u0000 written out, tab	and newline" + "\n"
+    assert '"the escape \\\\u0000 written out' in encode(chat("eve", 1, text)).payload
