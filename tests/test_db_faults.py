@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import sqlite3
 import subprocess
@@ -22,7 +21,7 @@ from chatserver.database import create_engine
 from chatserver.events import MessagePosted, NewEvent, StoredEvent, user_stream
 from chatserver.store import EventStore
 from chatserver.writer import Appended, CommitOutcomeUnknown, DatabaseUnavailable, EventWriter
-from tests.support import Postgres, migrated_sqlite, sqlite_url
+from tests.support import Postgres, migrated_sqlite
 
 
 def chat(name: str, version: int, text: str, command_id: str | None = None) -> NewEvent:
@@ -299,7 +298,7 @@ async def test_postgres_stopped_and_started_under_load(
     assert tracebacks(caplog) == []
 
 
-async def fill_until_refused(writer: EventWriter, load: Load) -> None:
+async def fill_until_refused(load: Load) -> None:
     async with asyncio.timeout(20):
         while not load.failed:
             await asyncio.sleep(0.01)
@@ -319,7 +318,7 @@ async def test_sqlite_full_disk_by_page_limit(db_url: str, caplog: pytest.LogCap
         # The writer's connection may not grow the file past a few more pages.
         await thread.run_statement(f"PRAGMA max_page_count = {pages + 3}")
         load.start()
-        await fill_until_refused(writer, load)
+        await fill_until_refused(load)
         failing = len(load.failed)
         async with asyncio.timeout(10):
             while len(load.failed) < failing + 20:
@@ -384,7 +383,7 @@ async def test_sqlite_file_on_a_full_disk(small_disk: Path, caplog: pytest.LogCa
         await writer.append([chat("first", 1, "x")])
         filler = fill(small_disk)
         load.start()
-        await fill_until_refused(writer, load)
+        await fill_until_refused(load)
         failing = len(load.failed)
         async with asyncio.timeout(10):
             while len(load.failed) < failing + 20:
