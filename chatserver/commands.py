@@ -34,7 +34,7 @@ from .events import (
     user_stream,
 )
 from .lifecycle import Drop, Effect, Leave, Session, Sessions, State
-from .store import ConcurrencyError, EventStore, StreamHead
+from .store import ConcurrencyError, EventStore, StreamHead, UnencodableEvent
 from .writer import EventWriter, WriterClosed
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,11 @@ class Commands:
 
     async def _submit_login(self, session: Session, new: list[NewEvent]) -> StoredEvent:
         session.version = new[-1].version
-        stored = await self.writer.submit(new)
+        try:
+            future = self.writer.submit(new)
+        except UnencodableEvent as exc:
+            raise domain.NameBad(f"this name cannot be stored: {exc}") from None
+        stored = await future
         # Committed: the commit callback made the session ACTIVE (or, if its
         # socket went meanwhile, LEAVING with its leave submitted).
         return next(s for s in stored if isinstance(s.event, UserLoggedIn))
@@ -275,7 +279,12 @@ class Commands:
         command_id = f"{session.name}/{client_id}" if client_id is not None else new_command_id()
         # No await before submit: the order of a socket's chats is the order
         # of their submission, whatever task runs each handler.
-        future = self.writer.submit([domain.decide_chat(session.name, session.next_version(), message, command_id=command_id)])
+        try:
+            future = self.writer.submit(
+                [domain.decide_chat(session.name, session.next_version(), message, command_id=command_id)]
+            )
+        except UnencodableEvent as exc:
+            raise domain.BadPayload(f"this message cannot be stored: {exc}") from None
         try:
             stored = await future
         except ConcurrencyError:

@@ -22,6 +22,7 @@ from .config import Settings
 from .domain import BadPayload, DomainError, NameBad, NameTaken, RateLimited, ServerFailed
 from .ratelimit import TokenBucket
 from .commands import Commands
+from .database import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,9 @@ class SocketHandlers:
             return await command()
         except DomainError:
             raise
+        except DatabaseUnavailable as exc:
+            # The writer has said so in the log, once per outage.
+            raise ServerFailed("the database is unavailable right now; try again") from exc
         except Exception as exc:
             self._failures.report(event, exc)
             raise ServerFailed("the server could not handle this right now; try again") from exc

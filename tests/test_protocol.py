@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.support import Client, InProcessServer
+from chatserver.events import MessagePosted
+from tests.support import Client, InProcessServer, log_of
 
 
 async def connected(server: InProcessServer) -> Client:
@@ -221,3 +222,25 @@ async def test_store_failure_is_refused_clearly_and_others_keep_going(server: In
     finally:
         await a.disconnect()
         await b.disconnect()
+
+
+async def test_a_chat_retried_with_its_id_is_stored_and_broadcast_once(server: InProcessServer) -> None:
+    a, b = await connected(server), await connected(server)
+    try:
+        await a.login("alice")
+        await b.login("bobby")
+        first = await a.call("chat", "only once", {"id": "c-1"})
+        again = await a.call("chat", "only once", {"id": "c-1"})
+        assert first["ok"] and again == first  # the original answer
+        other = await a.call("chat", "next", {"id": "c-2"})
+        assert other["position"] > first["position"]
+        await b.wait_for(lambda: [m["message"] for m in b.events("chat")] == ["only once", "next"])
+        bad = await a.call("chat", "x", {"id": "has space"})
+        assert bad["error"] == "bad_payload"
+        # Ids are the sender's own: another user's "c-1" is another chat.
+        assert (await b.call("chat", "mine", {"id": "c-1"}))["position"] > other["position"]
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+    log = [e.event.message for e in await log_of(server.settings.database_url) if isinstance(e.event, MessagePosted)]
+    assert log == ["only once", "next", "mine"]
