@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import projections
+from . import logsignal, projections
 from .commands import Commands, new_command_id
 from .config import Settings
 from .delivery import Delivery, Publisher
@@ -31,7 +31,9 @@ from .writer import EventWriter
 
 log = logging.getLogger(__name__)
 
-FOLLOW_INTERVAL = 0.2  # seconds between looks at a shared log (several processes)
+# Seconds between looks at a shared log when no signal came (a lost signal
+# delays delivery by at most this).
+FOLLOW_POLL = 0.5
 SHUTDOWN_LEAVES_TIMEOUT = 5.0
 USER_PREFIX = user_stream("")
 
@@ -47,10 +49,17 @@ class ChatService:
         self.settings = settings
         self.store = store
         self.sessions = Sessions()
-        self.writer = writer_factory(in_transaction=[projections.save], on_commit=self._committed)
-        self.delivery = Delivery(settings, store, publisher, self.sessions, on_followed=self._followed)
+        # A PostgreSQL log may be shared by several processes: each append
+        # signals the new head, and each process follows the log.
+        shared = store.engine.dialect.name == "postgresql"
+        in_transaction = [projections.save, *([logsignal.notify] if shared else [])]
+        self.writer = writer_factory(in_transaction=in_transaction, on_commit=self._committed)
+        self.delivery = Delivery(
+            settings, store, publisher, self.sessions, on_followed=self._followed, on_applied=self._applied
+        )
         self.commands = Commands(settings, store, self.writer, self.sessions, self.delivery)
-        self.follower = LogFollower(store, self.delivery, interval=FOLLOW_INTERVAL if settings.redis_url else None)
+        self.follower = LogFollower(store, self.delivery, interval=FOLLOW_POLL if shared else None)
+        self.listener = logsignal.LogListener(store.engine.url, self.follower.signalled) if shared else None
         self._reconciler: asyncio.Task[None] | None = None
 
     @property
@@ -78,6 +87,8 @@ class ChatService:
         self.delivery.start(view, recent, first[0].position if first else None)
         self.writer.start()
         self.follower.start()
+        if self.listener is not None:
+            self.listener.start()
         for ghost in ghosts:
             # Nobody is connected yet to be told of these leaves.
             head = self.commands.heads.get(user_stream(ghost.name), StreamHead(ghost.version, UserJoined.type))
@@ -97,6 +108,8 @@ class ChatService:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
+        if self.listener is not None:
+            await self.listener.stop()
         await self.follower.stop()
         await self.writer.close()
         await self.delivery.stop()
@@ -118,6 +131,19 @@ class ChatService:
 
     def _followed(self, stored: list[StoredEvent]) -> None:
         self.commands.note_heads(stored)
+
+    def _applied(self, stored: StoredEvent) -> None:
+        """A login of a name this process holds, by a session that is not
+        the holder: the user resumed on another process, which recorded the
+        takeover. The session here is over: its socket is dropped at once
+        (and its chats would fail on their version anyway)."""
+        event = stored.event
+        if not isinstance(event, UserLoggedIn):
+            return
+        holder = self.sessions.holder(event.name)
+        if holder is not None and holder.id != event.session and holder.state in (State.ACTIVE, State.YIELDING):
+            log.info("%s resumed on another process; closing the session here", event.name)
+            self.commands.carry_out(self.sessions.superseded(holder))
 
     async def _reconcile_forever(self) -> None:
         while True:

@@ -1,93 +1,174 @@
-"""Two server processes sharing one PostgreSQL log, with python-socketio's
-Redis manager carrying broadcasts between them."""
+"""Three server processes sharing one PostgreSQL log: every process delivers
+to its own sockets from the log, in position order, so every client sees
+the events in the log's order, whichever process it is on."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from tests.support import Client, Postgres, ServerProcess, free_port, log_of, migrate
+from chatserver.events import UserLeft
+from tests.support import Client, Postgres, ServerProcess, log_of, migrate
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+pytestmark = pytest.mark.postgres
 
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (scripts/test installs it)")
-    port = free_port()
-    folder = Path(tempfile.mkdtemp(prefix="chat-redis-"))
-    proc = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(folder, ignore_errors=True)
+_db = iter(range(10_000))
 
 
-async def test_two_processes_share_log_names_and_broadcasts(postgres: Postgres, redis_url: str) -> None:
-    url = postgres.create_database("multiproc")
+@contextlib.asynccontextmanager
+async def cluster(postgres: Postgres, n: int = 3, **env: str) -> AsyncIterator[tuple[str, list[ServerProcess]]]:
+    url = postgres.create_database(f"multiproc_{next(_db)}")
     migrate(url)
-    one = ServerProcess(url, CHAT_REDIS_URL=redis_url, CHAT_NODE_ID="one").start()
-    two = ServerProcess(url, CHAT_REDIS_URL=redis_url, CHAT_NODE_ID="two").start()
-    a = b = c = None
+    procs = [
+        ServerProcess(url, CHAT_NODE_ID=f"node{i}", CHAT_RATE_PER_SECOND="10000", CHAT_RATE_BURST="10000", **env)
+        for i in range(n)
+    ]
+    started: list[ServerProcess] = []
     try:
+        for proc in procs:
+            started.append(await asyncio.to_thread(proc.start))
+        yield url, procs
+    finally:
+        for proc in started:
+            await asyncio.to_thread(proc.terminate)
+
+
+def seen_positions(client: Client) -> list[int]:
+    """Positions of every live event the client received, in arrival order."""
+    positions = []
+    for (event, data), (_e, extra) in zip(client.received, client.extra, strict=True):
+        if event == "chat":
+            positions.append(data["position"])
+        elif event in ("userJoined", "userLeft") and extra:
+            positions.append(extra[0]["position"])
+    return positions
+
+
+async def test_every_client_sees_the_log_order_on_every_process(postgres: Postgres) -> None:
+    async with cluster(postgres) as (url, procs):
+        clients = [await Client(procs[i % 3].url).connect() for i in range(6)]
+        try:
+            for i, c in enumerate(clients):
+                await c.login(f"user{i}")
+            # Everyone has seen everyone join before the chatting starts.
+            for c in clients:
+                await c.wait_for(lambda c=c: len(c.events("userJoined")) >= 6 - clients.index(c), timeout=10)
+
+            async def chatter(c: Client, who: int) -> list[Any]:
+                return list(await asyncio.gather(*(c.call("chat", f"{who}:{k}") for k in range(30))))
+
+            acks = await asyncio.gather(*(chatter(c, i) for i, c in enumerate(clients)))
+            assert all(a["ok"] for batch in acks for a in batch)
+            for c in clients:
+                await c.wait_for(lambda c=c: len(c.events("chat")) == 180, timeout=20)
+        finally:
+            for c in clients:
+                await c.disconnect()
+        log = await log_of(url)
+        chat_positions = [e.position for e in log if e.type == "MessagePosted"]
+        for c in clients:
+            seen = seen_positions(c)
+            # The log's order, with nothing twice.
+            assert seen == sorted(set(seen)), c.url
+            assert [m["position"] for m in c.events("chat")] == chat_positions
+        assert [e.position for e in log] == list(range(1, len(log) + 1))
+
+
+async def test_names_are_unique_and_history_shared_across_processes(postgres: Postgres) -> None:
+    async with cluster(postgres, n=2) as (url, procs):
+        one, two = procs
         a = await Client(one.url).connect()
         b = await Client(two.url).connect()
-        await a.login("alice")
-        await b.login("bobby")
-        # A name online on one process is taken on the other too.
         c = await Client(two.url).connect()
-        ack = await c.call("login", "alice")
-        assert ack["error"] == "name_taken"
-        await a.call("chat", "from one")
-        await b.call("chat", "from two")
-        for client in (a, b):
-            await client.wait_for(lambda cl=client: len(cl.events("chat")) == 2)
-            assert sorted(m["message"] for m in client.events("chat")) == ["from one", "from two"]
-        # bobby joined on the other process: alice saw it through Redis.
-        await a.wait_for(lambda: "bobby" in a.events("userJoined"))
-        # Each process follows the shared log: both list both users, and a
-        # newcomer on either gets the history both wrote.
-        for client in (a, b):
-            deadline = asyncio.get_running_loop().time() + 5
-            while sorted(await client.call("onlineUsers")) != ["alice", "bobby"]:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.1)
-        d = await Client(two.url).connect()
-        await d.login("dora")
-        items = d.events("history")[0]["items"]
-        assert sorted(i["message"] for i in items if i["kind"] == "chat") == ["from one", "from two"]
-        await d.disconnect()
-        await b.disconnect()
-        await a.wait_for(lambda: a.events("userLeft") == ["dora", "bobby"])
-    finally:
-        for client in (a, b, c):
-            if client is not None:
+        try:
+            await a.login("alice")
+            await b.login("bobby")
+            assert (await c.call("login", "alice"))["error"] == "name_taken"
+            await a.call("chat", "from one")
+            await b.call("chat", "from two")
+            for client in (a, b):
+                await client.wait_for(lambda cl=client: len(cl.events("chat")) == 2)
+                assert [m["message"] for m in client.events("chat")] == ["from one", "from two"]
+                assert sorted(await client.call("onlineUsers")) == ["alice", "bobby"]
+            await c.login("carol")
+            items = c.events("history")[0]["items"]
+            assert [i["message"] for i in items if i["kind"] == "chat"] == ["from one", "from two"]
+        finally:
+            for client in (a, b, c):
                 await client.disconnect()
-        await asyncio.to_thread(one.terminate)
-        await asyncio.to_thread(two.terminate)
-    log = await log_of(url)
-    assert [e.position for e in log] == list(range(1, len(log) + 1))
-    nodes = {e.event.name: e.event.node for e in log if e.type == "UserLoggedIn"}
-    assert nodes == {"alice": "one", "bobby": "two", "dora": "two"}
+        log = await log_of(url)
+        nodes = {e.event.name: e.event.node for e in log if e.type == "UserLoggedIn"}
+        assert nodes == {"alice": "node0", "bobby": "node1", "carol": "node1"}
+
+
+async def test_resume_on_another_process_under_load_is_exact(postgres: Postgres) -> None:
+    async with cluster(postgres) as (url, procs):
+        talkers = [await Client(procs[i].url).connect() for i in range(3)]
+        a = await Client(procs[0].url).connect()
+        stop = asyncio.Event()
+        try:
+            for i, t in enumerate(talkers):
+                await t.login(f"talk{i}")
+            ack = await a.login("alice")
+            token = a.events("welcome")[0]["resumeToken"]
+
+            async def talk(t: Client, i: int) -> int:
+                n = 0
+                while not stop.is_set():
+                    assert (await t.call("chat", f"{i}:{n}"))["ok"]
+                    n += 1
+                return n
+
+            load = [asyncio.create_task(talk(t, i)) for i, t in enumerate(talkers)]
+            await asyncio.sleep(0.3)
+            await a.disconnect()
+            await asyncio.sleep(0.2)
+            last = max([m["position"] for m in a.events("chat")] or [ack["position"]])
+            b = Client(procs[2].url)
+            await b.connect(auth={"resumeToken": token, "lastPosition": last})
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*load)
+            log = await log_of(url)
+            wanted = [e.position for e in log if e.type == "MessagePosted" and e.position > last]
+            await b.wait_for(lambda: [m["position"] for m in b.events("chat")][-1:] == wanted[-1:], timeout=20)
+            got = [m["position"] for m in b.events("chat")]
+            assert got == wanted  # every chat after last, once, in order
+            assert b.events("welcome")[0]["resumed"] is True
+            await b.disconnect()
+        finally:
+            stop.set()
+            for t in talkers:
+                await t.disconnect()
+
+
+async def test_takeover_across_processes(postgres: Postgres) -> None:
+    async with cluster(postgres, n=2) as (url, procs):
+        one, two = procs
+        a = await Client(one.url).connect()
+        watcher = await Client(one.url).connect()
+        try:
+            await watcher.login("watcher")
+            ack = await a.login("alice")
+            token = a.events("welcome")[0]["resumeToken"]
+            # alice's socket on one is half-open; she comes back on two.
+            b = Client(two.url)
+            await b.connect(auth={"resumeToken": token, "lastPosition": ack["position"]})
+            await b.wait_event("welcome")
+            # One drops the old socket at once; it takes no more chats.
+            await a.wait_for(lambda: not a.sio.connected, timeout=10)
+            assert (await b.call("chat", "back"))["ok"]
+            await watcher.wait_for(lambda: "back" in [m["message"] for m in watcher.events("chat")])
+            assert watcher.events("userLeft") == ["alice"] and watcher.events("userJoined")[-1] == "alice"
+            await b.disconnect()
+        finally:
+            for client in (a, watcher):
+                if client.sio.connected:
+                    await client.disconnect()
+        log = await log_of(url)
+        reasons = [e.event.reason for e in log if isinstance(e.event, UserLeft) and e.event.name == "alice"]
+        assert reasons[0] == "taken over" and reasons.count("taken over") == 1
