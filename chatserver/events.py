@@ -119,6 +119,9 @@ class StoredEvent:
     version: int
     event: DomainEvent
     recorded_at: datetime
+    # The id of the command that appended it (None for events older than
+    # migration 0003).
+    command_id: str | None = None
 
     @property
     def type(self) -> str:

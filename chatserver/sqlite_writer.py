@@ -67,6 +67,9 @@ class _Result:
         self._rows = rows
         self.rowcount = rowcount
 
+    def all(self) -> list[Any]:
+        return self._rows
+
     def scalar_one(self) -> Any:
         if len(self._rows) != 1:
             raise sa.exc.InvalidRequestError(f"expected one row, got {len(self._rows)}")
@@ -118,6 +121,18 @@ _MAX_PREPARED = 64
 def _translate(sql: str, parameters: Any, exc: sqlite3.Error) -> sa.exc.StatementError:
     """The SQLAlchemy exception the async path would raise (IntegrityError...)."""
     return sa.exc.DBAPIError.instance(sql, parameters, exc, sqlite3.Error)
+
+
+_BROKEN = frozenset({"SQLITE_IOERR", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CANTOPEN", "SQLITE_PROTOCOL", "SQLITE_NOMEM"})
+
+
+def _broken_connection(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, sqlite3.Error):
+            name = getattr(exc, "sqlite_errorname", "") or ""
+            return "_".join(name.split("_")[:2]) in _BROKEN
+        exc = exc.__cause__
+    return False
 
 
 def _run_sql(db: sqlite3.Connection, sql: str) -> None:
@@ -182,15 +197,58 @@ class SqliteWriterThread:
             self._db = self._engine.raw_connection()
         db = cast(sqlite3.Connection, self._db.driver_connection)
         conn = ThreadConnection(db, self._engine.dialect, self._prepared)
-        _run_sql(db, "BEGIN IMMEDIATE")
         try:
-            result = _run_to_end(body(conn))
-            _run_sql(db, "COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.rollback()
+            _run_sql(db, "BEGIN IMMEDIATE")
+            try:
+                result = _run_to_end(body(conn))
+            except BaseException:
+                self._rollback(db)
+                raise
+            try:
+                _run_sql(db, "COMMIT")
+            except Exception as exc:
+                # SQLite rolls back a COMMIT that fails (or leaves the
+                # transaction open, and this rolls it back); the caller still
+                # looks the outcome up: a failed fsync can leave a commit
+                # record in the WAL that later readers honour.
+                self._rollback(db)
+                raise database.CommitFailed(result, exc) from exc
+        except Exception as exc:
+            if _broken_connection(exc):
+                # After an I/O error the connection is not trusted again: the
+                # next transaction opens a fresh one. (A full disk or a busy
+                # timeout leaves it sound, and keeps its settings.)
+                self._drop()
             raise
         return result
+
+    @staticmethod
+    def _rollback(db: sqlite3.Connection) -> None:
+        if db.in_transaction:
+            try:
+                db.rollback()
+            except sqlite3.Error:
+                pass  # the connection is dropped by the caller if unusable
+
+    def _drop(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.invalidate()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close
+                pass
+            self._db = None
+
+    async def run_statement(self, sql: str) -> list[tuple[Any, ...]]:
+        """One statement on the writer's own connection, outside any
+        transaction, in its thread: for per-connection settings (``PRAGMA
+        max_page_count`` in the full-disk tests) and diagnostics."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._statement, sql)
+
+    def _statement(self, sql: str) -> list[tuple[Any, ...]]:
+        if self._db is None:
+            self._db = self._engine.raw_connection()
+        db = cast(sqlite3.Connection, self._db.driver_connection)
+        return db.execute(sql).fetchall()
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close)

@@ -5,20 +5,28 @@ position plus one. The transaction first takes the table's write lock (SQLite:
 BEGIN IMMEDIATE on the writer's engine; PostgreSQL: LOCK TABLE ... EXCLUSIVE
 MODE), so positions are gap-free and commit in position order: a reader
 tailing the log by position never skips an event that commits late.
+
+An event is encoded into its row (``encode``) before any transaction sees it:
+whatever cannot be stored (text that is not valid Unicode, a stream name too
+long for its column) is refused then, alone, instead of failing the
+transaction it would have joined with other requests.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .events import (
+    EVENT_TYPES,
     NewEvent,
     StoredEvent,
     UserLeft,
@@ -28,26 +36,112 @@ from .events import (
 
 metadata = sa.MetaData()
 
+# Column sizes the encoder checks before PostgreSQL would refuse a row (SQLite
+# would store anything).
+STREAM_MAX = 200
+COMMAND_ID_MAX = 200
+VERSION_MAX = 2**31 - 1  # an INTEGER column
+
 events_table = sa.Table(
     "events",
     metadata,
     sa.Column("position", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=False),
-    sa.Column("stream", sa.String(200), nullable=False),
+    sa.Column("stream", sa.String(STREAM_MAX), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("type", sa.String(64), nullable=False),
     sa.Column("payload", sa.JSON().with_variant(JSONB(), "postgresql"), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    # Every event of one command carries its id (migration 0003; NULL before).
+    sa.Column("command_id", sa.String(COMMAND_ID_MAX), nullable=True),
     sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),
+    sa.Index("ix_events_command_id", "command_id"),
 )
+
+
+class _EncodedJSON(sa.types.TypeDecorator[str]):
+    """The payload column's type for a value that is already JSON text: bound
+    as is, so the row holds exactly the text ``encode`` made (SQLite) or
+    parses it (PostgreSQL's jsonb), as the column's own JSON type would."""
+
+    impl = sa.JSON().with_variant(JSONB(), "postgresql")
+    cache_ok = True
+
+    def bind_processor(self, dialect: sa.Dialect) -> None:
+        return None
 
 
 # Built once: every append runs them (and the SQLite writer compiles each once).
 _HEAD = sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))
-_INSERT = events_table.insert()
+_INSERT = events_table.insert().values(payload=sa.bindparam("payload", type_=_EncodedJSON()))
 
 
 class ConcurrencyError(Exception):
     """Another append took a (stream, version) first."""
+
+
+class UnencodableEvent(ValueError):
+    """An event that no database could store as it is (its text is not valid
+    Unicode, or a field does not fit its column)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """A new event in its row form, checked: what an append inserts."""
+
+    new: NewEvent
+    type: str
+    payload: str  # JSON text
+
+    @property
+    def command_id(self) -> str | None:
+        return self.new.command_id
+
+
+def _check_text(what: str, value: object, max_chars: int | None = None) -> None:
+    if not isinstance(value, str):
+        raise UnencodableEvent(f"{what} is not a string")
+    if max_chars is not None and not 0 < len(value) <= max_chars:
+        raise UnencodableEvent(f"{what} must have 1 to {max_chars} characters")
+    # PostgreSQL text holds neither NUL nor lone surrogates; refused on every
+    # backend so that a log moves between them.
+    if "\x00" in value:
+        raise UnencodableEvent(f"{what} contains NUL")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise UnencodableEvent(f"{what} is not valid Unicode (a lone surrogate)") from None
+
+
+def _check_payload_text(value: object) -> None:
+    if isinstance(value, str):
+        _check_text("a payload string", value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_payload_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_payload_text(item)
+
+
+def encode(new: NewEvent) -> EncodedEvent:
+    """The row form of ``new``, or UnencodableEvent: nothing this returns can
+    fail an insert for what it holds (only a version conflict can)."""
+    _check_text("the stream", new.stream, STREAM_MAX)
+    if type(new.version) is not int or not 0 < new.version <= VERSION_MAX:
+        raise UnencodableEvent(f"the version must be an integer from 1 to {VERSION_MAX}")
+    if new.command_id is not None:
+        _check_text("the command id", new.command_id, COMMAND_ID_MAX)
+    type_ = getattr(new.event, "type", None)
+    if type_ not in EVENT_TYPES or not isinstance(new.event, EVENT_TYPES[type_]):
+        raise UnencodableEvent(f"not a domain event: {type(new.event).__name__}")
+    payload = to_payload(new.event)
+    try:
+        text = orjson.dumps(payload).decode()
+    except orjson.JSONEncodeError as exc:
+        # Lone surrogates end here: orjson refuses what UTF-8 cannot hold.
+        raise UnencodableEvent(f"the payload cannot be encoded: {exc}") from None
+    _check_payload_text(payload)
+    return EncodedEvent(new, type_, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +166,47 @@ def _row_to_event(row: Any) -> StoredEvent:
         version=row.version,
         event=from_payload(row.type, row.payload),
         recorded_at=_to_utc(row.recorded_at),
+        command_id=row.command_id,
     )
+
+
+def _raw_row_to_event(row: Sequence[Any]) -> StoredEvent:
+    """A row of ``_BY_COMMAND``, as SQLAlchemy hands it back or as the SQLite
+    writer thread's driver does (payload and recorded_at still text)."""
+    position, stream, version, type_, payload, recorded_at, command_id = row
+    if isinstance(payload, str | bytes):
+        payload = orjson.loads(payload)
+    if isinstance(recorded_at, str):
+        recorded_at = datetime.fromisoformat(recorded_at)
+    return StoredEvent(position, stream, version, from_payload(type_, payload), _to_utc(recorded_at), command_id)
+
+
+_LOOKUP_CHUNK = 64
+
+
+@lru_cache(maxsize=None)
+def _by_command(n: int) -> sa.Select[Any]:
+    # n separate binds rather than an expanding IN: the SQLite writer thread
+    # runs compiled statements on the driver, which knows no expanding binds.
+    # n is a power of two (see ``commands``), so few statements are compiled.
+    return (
+        sa.select(
+            events_table.c.position,
+            events_table.c.stream,
+            events_table.c.version,
+            events_table.c.type,
+            events_table.c.payload,
+            events_table.c.recorded_at,
+            events_table.c.command_id,
+        )
+        .where(events_table.c.command_id.in_([sa.bindparam(f"id{i}") for i in range(n)]))
+        .order_by(events_table.c.position)
+    )
+
+
+_BETWEEN = sa.select(events_table.c.position, events_table.c.stream, events_table.c.version).where(
+    events_table.c.position.between(sa.bindparam("first"), sa.bindparam("last"))
+)
 
 
 class EventStore:
@@ -81,20 +215,32 @@ class EventStore:
         self._postgres = engine.dialect.name == "postgresql"
 
     # -- writing ---------------------------------------------------------
-    async def append(self, conn: AsyncConnection, new_events: Sequence[NewEvent]) -> list[StoredEvent]:
+    async def append(
+        self, conn: AsyncConnection, new_events: Sequence[NewEvent | EncodedEvent], *, locked: bool = False
+    ) -> list[StoredEvent]:
         """Append in the caller's transaction; positions follow the head.
 
-        Raises ConcurrencyError when a (stream, version) is taken; the caller
-        must roll the transaction back.
+        Raises ConcurrencyError when a (stream, version) is taken (the caller
+        must roll the transaction back), UnencodableEvent for a NewEvent that
+        ``encode`` refuses. ``locked``: the caller has taken ``lock`` already.
         """
         if not new_events:
             return []
-        await self._lock(conn)
+        rows = [e if isinstance(e, EncodedEvent) else encode(e) for e in new_events]
+        if not locked:
+            await self.lock(conn)
         head = (await conn.execute(_HEAD)).scalar_one()
         now = datetime.now(UTC)
         stored = [
-            StoredEvent(position=head + i, stream=e.stream, version=e.version, event=e.event, recorded_at=now)
-            for i, e in enumerate(new_events, start=1)
+            StoredEvent(
+                position=head + i,
+                stream=r.new.stream,
+                version=r.new.version,
+                event=r.new.event,
+                recorded_at=now,
+                command_id=r.new.command_id,
+            )
+            for i, r in enumerate(rows, start=1)
         ]
         try:
             await conn.execute(
@@ -104,21 +250,61 @@ class EventStore:
                         "position": s.position,
                         "stream": s.stream,
                         "version": s.version,
-                        "type": s.event.type,
-                        "payload": to_payload(s.event),
+                        "type": r.type,
+                        "payload": r.payload,
                         "recorded_at": now,
+                        "command_id": s.command_id,
                     }
-                    for s in stored
+                    for s, r in zip(stored, rows, strict=True)
                 ],
             )
         except sa.exc.IntegrityError as exc:
             raise ConcurrencyError(str(exc.orig)) from exc
         return stored
 
-    async def _lock(self, conn: AsyncConnection) -> None:
+    async def lock(self, conn: AsyncConnection) -> None:
+        """Take the log's write lock for the rest of the caller's transaction."""
         # SQLite: the writer engine's BEGIN IMMEDIATE already holds the lock.
         if self._postgres:
             await conn.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE")
+
+    async def commands(self, conn: AsyncConnection, ids: Collection[str]) -> dict[str, list[StoredEvent]]:
+        """The stored events of each of these command ids that is in the log,
+        in position order, read in the caller's transaction (under ``lock``
+        for an answer no concurrent append can change)."""
+        found: dict[str, list[StoredEvent]] = {}
+        pending = sorted(set(ids))
+        for start in range(0, len(pending), _LOOKUP_CHUNK):
+            chunk = pending[start : start + _LOOKUP_CHUNK]
+            size = 1 << (len(chunk) - 1).bit_length()
+            chunk += chunk[-1:] * (size - len(chunk))
+            result = await conn.execute(_by_command(size), {f"id{i}": v for i, v in enumerate(chunk)})
+            for row in result.all():
+                event = _raw_row_to_event(row)
+                found.setdefault(event.command_id or "", []).append(event)
+        return found
+
+    async def holds(self, conn: AsyncConnection, stored: Sequence[StoredEvent]) -> bool:
+        """Whether the log holds these events, at their positions: the
+        outcome of the one transaction that tried to append them (it commits
+        all or nothing, and no other append can reuse a position it took
+        unless it did not commit)."""
+        if not stored:
+            return False
+        ids = {s.command_id for s in stored if s.command_id is not None}
+        if ids:
+            rows = [(e.position, e.stream, e.version) for found in (await self.commands(conn, ids)).values() for e in found]
+        else:
+            span = {"first": stored[0].position, "last": stored[-1].position}
+            rows = [tuple(r) for r in (await conn.execute(_BETWEEN, span)).all()]
+        return any((s.position, s.stream, s.version) in rows for s in stored)
+
+    async def wait_for_writers(self, conn: AsyncConnection) -> None:
+        """Wait, in the caller's transaction, until no append is in flight:
+        the lock conflicts with the appenders' (a transaction whose client
+        vanished holds it until the server has committed or rolled it back)."""
+        if self._postgres:
+            await conn.exec_driver_sql("LOCK TABLE events IN SHARE MODE")
 
     # -- reading ---------------------------------------------------------
     async def head(self) -> int:
@@ -185,7 +371,7 @@ class EventStore:
 
     async def read_locked(self, conn: AsyncConnection) -> AsyncIterator[StoredEvent]:
         """The whole log, read in the caller's transaction with appends locked out."""
-        await self._lock(conn)
+        await self.lock(conn)
         query = self._select().order_by(events_table.c.position).execution_options(yield_per=1000)
         result = await conn.stream(query)
         async for row in result:
@@ -219,8 +405,6 @@ class EventStore:
 
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import replace as _dataclass_replace  # noqa: E402
-
-import orjson  # noqa: E402
 
 REPLAY_CHUNK = 4096
 

@@ -266,12 +266,20 @@ class Postgres:
         if self._as_postgres:
             shutil.chown(self.dir, "postgres")
         self._run(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale")
+        self.start_server()
+        return self
+
+    def stop_server(self) -> None:
+        """Stop the server (fast shutdown: sessions are cut), keeping its data."""
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "-w", "-m", "fast", "stop")
+
+    def start_server(self) -> None:
+        """Start a server stopped by ``stop_server`` again, on the same port."""
         self._run(
-            str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(self.dir / "log"),
+            str(PG_BIN / "pg_ctl"), "-D", str(self.dir / "data"), "-w", "-l", str(self.dir / "log"),
             "-o", f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=on",
             "start",
         )
-        return self
 
     def create_database(self, name: str) -> str:
         self._run(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)

@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatserver.database import create_engine
 from chatserver.events import MessagePosted, NewEvent, UserJoined, UserLeft, UserLoggedIn, user_stream
-from chatserver.store import ConcurrencyError, EventStore
+from chatserver.events import to_payload
+from chatserver.store import ConcurrencyError, EventStore, UnencodableEvent, encode, events_table
 from chatserver.writer import EventWriter
 
 
@@ -141,6 +142,56 @@ async def test_writer_stores_what_a_plain_append_stores(backend: Backend) -> Non
     assert [type(r.payload) for r in raw[:4]] == [type(r.payload) for r in raw[4:]]
     assert [r.payload for r in raw[:4]] == [r.payload for r in raw[4:]]
     assert [type(r.recorded_at) for r in raw[:4]] == [type(r.recorded_at) for r in raw[4:]]
+
+
+async def test_pre_encoded_payloads_are_the_bytes_the_json_column_writes(backend: Backend) -> None:
+    # The store inserts the JSON text ``encode`` made at submit time: the row
+    # must hold what the column's own JSON type wrote before that change.
+    events = [
+        NewEvent("user-ivy", 1, UserLoggedIn(name="ivy", session="s", node="n", resume_hash="cd" * 32), "c1"),
+        NewEvent("user-ivy", 2, UserJoined(name="ivy"), "c1"),
+        NewEvent("user-ivy", 3, MessagePosted(sender="ivy", message='q " \\ <i>\u00e9</i> \u2603 \U0001f600 \t\n'), "ivy/7"),
+        NewEvent("user-ivy", 4, UserLeft(name="ivy", reason="disconnected")),
+    ]
+    stored = await append(backend, events)
+    async with backend.writer_engine.begin() as conn:
+        await conn.execute(
+            events_table.insert(),
+            [
+                {"position": 100 + s.position, "stream": "user-old", "version": s.version, "type": s.type,
+                 "payload": to_payload(s.event), "recorded_at": s.recorded_at}
+                for s in stored
+            ],
+        )
+    async with backend.store.engine.connect() as conn:
+        text = (await conn.execute(sa.text("select position, CAST(payload AS TEXT) from events order by position"))).all()
+    assert [t for _, t in text[:4]] == [t for _, t in text[4:]]
+    assert [s.command_id for s in stored] == ["c1", "c1", "ivy/7", None]
+    assert [e.command_id for e in await backend.store.read_all()] == ["c1", "c1", "ivy/7", None, None, None, None, None]
+    async with backend.writer_engine.begin() as conn:
+        found = await backend.store.commands(conn, ["ivy/7", "c1", "absent"])
+    assert {k: [(e.position, e.event) for e in v] for k, v in found.items()} == {
+        "c1": [(1, events[0].event), (2, events[1].event)],
+        "ivy/7": [(3, events[2].event)],
+    }
+
+
+@pytest.mark.parametrize(
+    "new",
+    [
+        chat("eve", 1, "ab\ud800"),
+        NewEvent("user-ab\udfff", 1, UserJoined(name="x")),
+        chat("eve", 1, "nul \x00 inside"),
+        NewEvent("u" * 201, 1, UserJoined(name="x")),
+        chat("eve", 2**31, "version too large"),
+        chat("eve", 0, "version too small"),
+        NewEvent("user-eve", 1, UserJoined(name="eve"), "x" * 201),
+        NewEvent("user-eve", 1, UserJoined(name="eve"), "eve/\ud800"),
+    ],
+)
+def test_encode_refuses_what_a_database_would(new: NewEvent) -> None:
+    with pytest.raises(UnencodableEvent):
+        encode(new)
 
 
 async def test_group_commit_batches_one_turn_into_one_transaction(backend: Backend) -> None:
