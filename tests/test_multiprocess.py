@@ -172,3 +172,120 @@ async def test_takeover_across_processes(postgres: Postgres) -> None:
         log = await log_of(url)
         reasons = [e.event.reason for e in log if isinstance(e.event, UserLeft) and e.event.name == "alice"]
         assert reasons[0] == "taken over" and reasons.count("taken over") == 1
+
+
+async def test_a_killed_process_users_leave_once_and_can_log_in_elsewhere(postgres: Postgres) -> None:
+    async with cluster(postgres, CHAT_NODE_LEASE="2") as (url, procs):
+        doomed, survivor, third = procs
+        watcher = await Client(survivor.url).connect()
+        talker = await Client(third.url).connect()
+        victims = [await Client(doomed.url).connect() for _ in range(2)]
+        stop = asyncio.Event()
+        acked: list[str] = []
+        try:
+            await watcher.login("watcher")
+            await talker.login("talker")
+            for i, v in enumerate(victims):
+                await v.login(f"victim{i}")
+
+            async def talk(c: Client, tag: str) -> None:
+                n = 0
+                while not stop.is_set():
+                    with contextlib.suppress(Exception):
+                        ack = await c.call("chat", f"{tag}:{n}", timeout=2)
+                        if ack["ok"]:
+                            acked.append(f"{tag}:{n}")
+                    n += 1
+                    await asyncio.sleep(0.01)
+
+            load = [asyncio.create_task(talk(c, t)) for c, t in ((talker, "t"), (victims[0], "v0"), (victims[1], "v1"))]
+            await asyncio.sleep(0.5)
+            doomed.kill()
+            killed_at = asyncio.get_running_loop().time()
+            # A login of a victim's name on another process gets in as soon
+            # as the dead process's lease has expired.
+            again = await Client(third.url).connect()
+            while True:
+                ack = await again.call("login", "victim0")
+                if ack["ok"]:
+                    break
+                assert ack["error"] == "name_taken", ack
+                assert asyncio.get_running_loop().time() - killed_at < 10, "the name was never freed"
+                await asyncio.sleep(0.2)
+            await watcher.wait_for(lambda: sorted(watcher.events("userLeft")) == ["victim0", "victim1"], timeout=10)
+            took = asyncio.get_running_loop().time() - killed_at
+            assert took < 2 + 5, took
+            stop.set()
+            await asyncio.gather(*load)
+            await again.disconnect()
+        finally:
+            stop.set()
+            for c in (watcher, talker, *victims):
+                with contextlib.suppress(Exception):
+                    await c.disconnect()
+        log = await log_of(url)
+        stored = {e.event.message for e in log if e.type == "MessagePosted"}
+        assert set(acked) <= stored  # nothing acknowledged is lost
+        for i in range(2):
+            reasons = [e.event.reason for e in log if isinstance(e.event, UserLeft) and e.event.name == f"victim{i}"]
+            assert reasons[0] == "node lost" and reasons.count("node lost") == 1, reasons
+
+
+async def test_processes_with_no_node_id_do_not_interfere(postgres: Postgres) -> None:
+    url = postgres.create_database(f"multiproc_{next(_db)}")
+    migrate(url)
+    one = await asyncio.to_thread(ServerProcess(url).start)
+    two: ServerProcess | None = None
+    a = await Client(one.url).connect()
+    try:
+        await a.login("alice")
+        # A second process with the same (default) name starts: it must not
+        # take alice's session for its own previous run's.
+        two = await asyncio.to_thread(ServerProcess(url).start)
+        b = await Client(two.url).connect()
+        await b.login("bobby")
+        assert sorted(await b.call("onlineUsers")) == ["alice", "bobby"]
+        assert (await a.call("chat", "still here"))["ok"]
+        await b.wait_for(lambda: "still here" in [m["message"] for m in b.events("chat")])
+        await b.disconnect()
+    finally:
+        await a.disconnect()
+        await asyncio.to_thread(one.terminate)
+        if two is not None:
+            await asyncio.to_thread(two.terminate)
+    log = await log_of(url)
+    reasons = [e.event.reason for e in log if isinstance(e.event, UserLeft) and e.event.name == "alice"]
+    assert reasons == ["server shutdown"] or reasons == ["disconnected"], reasons
+
+
+async def test_a_database_restart_loses_no_delivery(postgres: Postgres) -> None:
+    from tests.test_faults_e2e import pg_start, pg_stop
+
+    async with cluster(postgres, n=2) as (url, procs):
+        a = await Client(procs[0].url).connect()
+        b = await Client(procs[1].url).connect()
+        try:
+            await a.login("alice")
+            await b.login("bobby")
+            assert (await a.call("chat", "before"))["ok"]
+            await asyncio.to_thread(pg_stop, postgres)
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(pg_start, postgres)
+            # Both processes find the log again by themselves: what is
+            # stored from now on reaches the other process's socket.
+            deadline = asyncio.get_running_loop().time() + 20
+            n = 0
+            while True:
+                ack = await a.call("chat", f"after{n}")
+                if ack["ok"]:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, ack
+                n += 1
+                await asyncio.sleep(0.2)
+            await b.wait_for(lambda: f"after{n}" in [m["message"] for m in b.events("chat")], timeout=10)
+            log = await log_of(url)
+            stored = [e.position for e in log if e.type == "MessagePosted"]
+            assert [m["position"] for m in b.events("chat")] == stored
+        finally:
+            await a.disconnect()
+            await b.disconnect()
