@@ -289,3 +289,105 @@ async def test_a_database_restart_loses_no_delivery(postgres: Postgres) -> None:
         finally:
             await a.disconnect()
             await b.disconnect()
+
+
+class Partition:
+    """A TCP proxy to PostgreSQL that can cut one process off (and heal)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.cut_off = False
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Partition:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            writer.close()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers += [writer, up_w]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    def cut(self) -> None:
+        """Silently drop every connection (no FIN reaches PostgreSQL's side in
+        time to matter) and refuse new ones."""
+        self.cut_off = True
+        for w in self._writers:
+            transport = w.transport
+            if transport is not None:
+                transport.abort()
+        self._writers.clear()
+
+    def heal(self) -> None:
+        self.cut_off = False
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_a_process_cut_off_from_the_database_stops_serving_before_it_is_reaped(postgres: Postgres) -> None:
+    url = postgres.create_database(f"multiproc_{next(_db)}")
+    migrate(url)
+    partition = await Partition(postgres.port).start()
+    cut_url = url.replace(f":{postgres.port}/", f":{partition.port}/")
+    env = {"CHAT_NODE_LEASE": "3"}
+    lonely = await asyncio.to_thread(ServerProcess(cut_url, CHAT_NODE_ID="lonely", **env).start)
+    healthy = await asyncio.to_thread(ServerProcess(url, CHAT_NODE_ID="healthy", **env).start)
+    a = await Client(lonely.url).connect()
+    b = await Client(healthy.url).connect()
+    try:
+        await a.login("alice")
+        await b.login("bobby")
+        await b.wait_for(lambda: "alice" in b.events("userJoined") or "alice" in str(b.events("history")))
+        await asyncio.sleep(3.5)  # both leases renewed for a whole period
+        partition.cut()
+        cut_at = asyncio.get_running_loop().time()
+        # The cut-off process drops its sockets itself (2/3 of the lease)...
+        await a.wait_for(lambda: not a.sio.connected, timeout=10)
+        dropped = asyncio.get_running_loop().time() - cut_at
+        # ...before the healthy one reaps its lease (the whole lease).
+        await b.wait_for(lambda: "alice" in b.events("userLeft"), timeout=15)
+        reaped = asyncio.get_running_loop().time() - cut_at
+        assert dropped < reaped, (dropped, reaped)
+        partition.heal()
+        # Back in touch: it serves again under a new lease.
+        c = await Client(lonely.url).connect()
+        deadline = asyncio.get_running_loop().time() + 15
+        while not (ack := await c.call("login", "alice"))["ok"]:
+            assert asyncio.get_running_loop().time() < deadline, ack
+            await asyncio.sleep(0.3)
+        await b.wait_for(lambda: b.events("userJoined").count("alice") >= 1 and b.events("userLeft").count("alice") == 1)
+        await c.disconnect()
+    finally:
+        for client in (a, b):
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+        await asyncio.to_thread(lonely.terminate)
+        await asyncio.to_thread(healthy.terminate)
+        await partition.stop()
+    log = await log_of(url)
+    alice = [(e.type, getattr(e.event, "reason", None)) for e in log if e.stream == "user-alice"]
+    # Never online twice: logins and leaves alternate.
+    kinds = [t for t, _ in alice if t in ("UserJoined", "UserLeft")]
+    assert kinds == ["UserJoined", "UserLeft"] * (len(kinds) // 2), alice
+    assert ("UserLeft", "node lost") in alice
