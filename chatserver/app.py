@@ -18,7 +18,7 @@ from .config import Settings
 from .database import check_migrated, create_engine
 from .fanout import FanoutManager, FanoutPublisher, FanoutServer
 from .service import ChatService
-from .sockets import SocketHandlers, SocketIOPublisher
+from .sockets import SocketHandlers
 from .store import EventStore
 from .web import setup_routes
 from .writer import EventWriter
@@ -36,12 +36,11 @@ def create_sio(settings: Settings) -> socketio.AsyncServer:
     # FanoutServer: engine.io sockets write WebSocket frames directly (no
     # permessage-deflate); FanoutManager: a broadcast is encoded once and
     # written to every recipient without a task each (see fanout.py).
-    manager = (
-        socketio.AsyncRedisManager(settings.redis_url) if settings.redis_url else FanoutManager()
-    )
+    # Every process delivers to its own sockets from the shared log: no
+    # broadcast crosses processes, so no Redis manager (see delivery.py).
     return FanoutServer(
         async_mode="aiohttp",
-        client_manager=manager,
+        client_manager=FanoutManager(),
         max_http_buffer_size=settings.max_packet_bytes,
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
@@ -88,7 +87,7 @@ async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
         await check_migrated(read_engine)
         store = EventStore(read_engine)
         writer_factory = partial(EventWriter, store, writer_engine, max_batch=settings.max_batch)
-        publisher = FanoutPublisher(sio) if isinstance(sio.manager, FanoutManager) else SocketIOPublisher(sio)
+        publisher = FanoutPublisher(sio)
         service = ChatService(settings, store, writer_factory, publisher)
         await service.start(writer_engine)
         SocketHandlers(settings, service.commands).register(sio)

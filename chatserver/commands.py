@@ -19,6 +19,7 @@ import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import domain, projections, protocol
@@ -74,6 +75,11 @@ class Commands:
         # Reconciliation: (name, session) pairs seen orphaned once.
         self._suspects: set[tuple[str, str]] = set()
         self._leave_failures = 0
+        # Set while this process may not serve (its node lease lapsed).
+        self.fenced = False
+        # Reaps the process holding a session if its lease expired (several
+        # processes on one log); True if it did.
+        self.reap_owner: Callable[[str], Awaitable[bool]] | None = None
 
     # -- the log as this process knows it ----------------------------------------
     def note_heads(self, stored: list[StoredEvent]) -> None:
@@ -140,8 +146,13 @@ class Commands:
         self.delivery.forget(sid)
         self.carry_out(self.sessions.disconnect(sid))
 
+    def _check_serving(self) -> None:
+        if self.fenced:
+            raise domain.ServerFailed("this server is not serving right now; connect again")
+
     async def login(self, sid: str, raw_name: object) -> StoredEvent:
         name = domain.check_name(raw_name)
+        self._check_serving()
         await self._wait_name_free(sid, name)
         session = self.sessions.claim(sid, name)
         try:
@@ -155,17 +166,34 @@ class Commands:
         # A name this process knows to be offline needs no read; anything
         # else (online, or the log moved under us) is read from the store.
         known = self.heads.get(stream, EMPTY_STREAM)
-        head = known if not known.online else await self._read_head(session)
+        head = known if not known.online else await self._read_online_head(session)
         try:
             return await self._submit_login(session, self._decide_login(session, head))
         except ConcurrencyError:
             if head is not known:
                 raise domain.NameTaken(f"{session.name} is already online") from None
-        head = await self._read_head(session)
+        head = await self._read_online_head(session)
         try:
             return await self._submit_login(session, self._decide_login(session, head))
         except ConcurrencyError:
             raise domain.NameTaken(f"{session.name} is already online") from None
+
+    async def _read_online_head(self, session: Session) -> StreamHead:
+        head = await self._read_head(session)
+        if head.online and await self._owner_was_lost(session):
+            head = await self._read_head(session)
+        return head
+
+    async def _owner_was_lost(self, session: Session) -> bool:
+        """The name is online in the log: if the process holding it died
+        (its lease expired), close its sessions now rather than refuse."""
+        if self.reap_owner is None:
+            return False
+        user = self.delivery.online.get(session.name)
+        if user is None or not await self.reap_owner(user.session):
+            return False
+        self._still_claiming(session)
+        return True
 
     async def _read_head(self, session: Session) -> StreamHead:
         head = await self.store.stream_head(user_stream(session.name))
@@ -183,7 +211,7 @@ class Commands:
             session.name,
             head,
             session=session.id,
-            node=self.settings.node_id,
+            node=self.settings.node_name,
             resume_hash=hash_token(session.token),
             command_id=new_command_id(),
         )
@@ -262,7 +290,7 @@ class Commands:
                 session.name,
                 head,
                 session=session.id,
-                node=self.settings.node_id,
+                node=self.settings.node_name,
                 resume_hash=hash_token(session.token),
                 command_id=new_command_id(),
             )
@@ -321,6 +349,30 @@ class Commands:
         waiting = [self.sessions.closed(s) for s in self.sessions.live() if s.state is not State.ACTIVE]
         if waiting:
             await asyncio.wait(waiting, timeout=timeout)
+
+    async def close_lost(self, sessions: list[tuple[str, str]], reason: str, still_held: Callable[[str], Awaitable[str | None]]) -> None:
+        """Record the leaves of sessions a dead process (or an earlier run)
+        left open. ``still_held(name)`` re-reads who holds the name after its
+        stream head was read: a login that got in between is left alone, and
+        one that comes after loses on the version."""
+        for name, session_id in sessions:
+            head = await self.store.stream_head(user_stream(name))
+            if not head.online or await still_held(name) != session_id:
+                continue
+            try:
+                await self.writer.append(
+                    [domain.decide_leave(name, head.version + 1, reason, command_id=new_command_id())]
+                )
+            except ConcurrencyError:
+                continue
+
+    def fence(self) -> None:
+        """Stop serving: the sessions here are closed by the process that
+        reaps this one's lease, so they end here with no leave of their own."""
+        self.fenced = True
+        for session in self.sessions.live():
+            if session.state is not State.PENDING:
+                self.carry_out(self.sessions.superseded(session))
 
     async def reconcile(self) -> None:
         """Close what the log shows online for this process with no session

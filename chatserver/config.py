@@ -43,11 +43,12 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     public_dir: Path = PROJECT_ROOT / "public"
     node_modules_dir: Path = PROJECT_ROOT / "node_modules"
-    # Which server process wrote a login: at startup a process closes only the
-    # sessions its own earlier run left open (several processes may share a
-    # PostgreSQL log). Set CHAT_NODE_ID per process when running more than one.
-    node_id: str = "local"
-    redis_url: str | None = None
+    # A name for this process in the log and the server's log lines (not its
+    # identity: each process generates a lease id at start). Set it per
+    # process slot when running several: a process restarted under the same
+    # name closes its previous run's sessions at once instead of when that
+    # run's lease expires.
+    node_id: str = ""
     # Limits on what one client may send.
     max_message_chars: int = 2000
     max_packet_bytes: int = 64 * 1024
@@ -64,14 +65,20 @@ class Settings:
     resume_max_gap: int = 5000
     # Seconds between looks for sessions the log shows open with no socket.
     reconcile_interval: float = 10.0
+    # Seconds without a heartbeat after which a process sharing the log is
+    # taken for dead and its sessions are closed by another.
+    node_lease_seconds: float = 15.0
     # Largest number of appends committed in one transaction (group commit).
     max_batch: int = 512
+
+    @property
+    def node_name(self) -> str:
+        return self.node_id or "local"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         defaults = cls()
-        redis_url = env.get("CHAT_REDIS_URL") or None
         return cls(
             host=env.get("HOST") or defaults.host,
             port=_int(env, "PORT", defaults.port),
@@ -81,7 +88,7 @@ class Settings:
                 env.get("CHAT_NODE_MODULES_DIR") or defaults.node_modules_dir
             ),
             node_id=env.get("CHAT_NODE_ID") or defaults.node_id,
-            redis_url=redis_url,
+            node_lease_seconds=_float(env, "CHAT_NODE_LEASE", defaults.node_lease_seconds),
             max_message_chars=_int(env, "CHAT_MAX_MESSAGE_CHARS", defaults.max_message_chars),
             max_packet_bytes=_int(env, "CHAT_MAX_PACKET_BYTES", defaults.max_packet_bytes),
             rate_per_second=_float(env, "CHAT_RATE_PER_SECOND", defaults.rate_per_second),

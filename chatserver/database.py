@@ -162,7 +162,7 @@ async def check_migrated(engine: AsyncEngine) -> None:
             names, event_columns = await conn.run_sync(_schema)
     except (OSError, sa.exc.DBAPIError) as exc:
         raise DatabaseUnavailable(f"cannot open the database: {exc}") from exc
-    missing = {"alembic_version", "events", "online_users", "projection_positions", "resume_tokens"} - names
+    missing = {"alembic_version", "events", "node_leases", "online_users", "projection_positions", "resume_tokens"} - names
     if missing:
         raise DatabaseNotMigrated(
             "the database has no chat schema (missing: "

@@ -1,6 +1,7 @@
 """Delivery: committed events to sockets, in log order, from one dispatcher.
 
-The writer's commit callback hands each committed batch to ``committed``;
+The writer's commit callback hands each committed batch to ``committed``,
+and the follower what it reads of the shared log to ``followed``;
 replies, welcome/history pushes and socket drops are queued on the same
 outbox, so every socket receives packets in the order they were produced (a
 reply queued behind a broadcast stays behind it). One dispatcher task takes
@@ -74,8 +75,9 @@ class Committed:
 
 @dataclass(frozen=True, slots=True)
 class Followed:
-    """Appended by another process sharing the log (its broadcasts reached
-    our sockets through the Redis manager): apply only."""
+    """Read from the shared log: appended by another process (or by this
+    one, read before its own commit callback ran). Delivered like our own,
+    in position order, once."""
 
     events: list[StoredEvent]
 
@@ -109,6 +111,7 @@ class Delivery:
         sessions: Sessions,
         *,
         on_followed: Callable[[list[StoredEvent]], None] = lambda _events: None,
+        on_applied: Callable[[StoredEvent], None] = lambda _event: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -118,11 +121,14 @@ class Delivery:
         self.recent = RecentHistory(settings.history_size)
         self._history_items = protocol.HistoryItems(settings.history_size)
         self._on_followed = on_followed
+        self._on_applied = on_applied
         self._outbox: asyncio.Queue[OutboxItem] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._catch_ups: dict[str, asyncio.Task[None]] = {}
-        # Own batches that arrived ahead of another process's events (a gap).
+        # Own batches that arrived ahead of another process's events (a gap),
+        # and other processes' events not yet delivered, by position.
         self._parked: list[Committed] = []
+        self._followed: dict[int, StoredEvent] = {}
         self.want_follow: Callable[[], None] = lambda: None
         # The position the live views have applied.
         self.applied = 0
@@ -174,11 +180,15 @@ class Delivery:
             match item:
                 case _Stop():
                     return
-                case Committed():
-                    await self._deliver(item)
+                case Committed(events):
+                    if events[-1].position > self.applied:
+                        self._parked.append(item)
+                    await self._advance()
                 case Followed(events):
-                    self._apply_followed(events)
-                    await self._unpark()
+                    for stored in events:
+                        if stored.position > self.applied:
+                            self._followed[stored.position] = stored
+                    await self._advance()
                 case Reply(sid, event, data):
                     try:
                         await self.publisher.send(sid, event, data())
@@ -192,20 +202,45 @@ class Delivery:
                 case _:  # pragma: no cover - a new item type without a case
                     log.error("outbox item of unknown type %r dropped", item)
 
-    async def _deliver(self, batch: Committed) -> None:
-        if batch.events[0].position > self.applied + 1:
-            # Another process appended in between: its events come first.
-            self._parked.append(batch)
+    async def _advance(self) -> None:
+        """Deliver what comes next in position order, whether this process
+        committed it or read it from the shared log: each position once, in
+        order, so every process delivers the same sequence."""
+        while True:
+            after = self.applied
+            if self._parked and self._parked[0].events[0].position <= after + 1:
+                events = [e for e in self._parked.pop(0).events if e.position > after]
+                await self._publish_batch(events, own=True)
+                continue
+            run: list[StoredEvent] = []
+            while (stored := self._followed.get(after + len(run) + 1)) is not None:
+                if self._own_login_pending(stored):
+                    # Our commit callback has not run yet: the Committed
+                    # item that follows delivers it, with the session active.
+                    break
+                run.append(stored)
+            if not run:
+                break
+            for stored in run:
+                del self._followed[stored.position]
+            await self._publish_batch(run, own=False)
+        if self._followed:
+            for position in [p for p in self._followed if p <= self.applied]:
+                del self._followed[position]
+        if self._parked:
+            # Our next batch waits for positions another process appended.
             self.want_follow()
+
+    def _own_login_pending(self, stored: StoredEvent) -> bool:
+        event = stored.event
+        if not isinstance(event, UserLoggedIn):
+            return False
+        session = self.sessions.by_id(event.session)
+        return session is not None and session.state is State.PENDING
+
+    async def _publish_batch(self, events: list[StoredEvent], *, own: bool) -> None:
+        if not events:
             return
-        await self._publish_batch(batch.events)
-        await self._unpark()
-
-    async def _unpark(self) -> None:
-        while self._parked and self._parked[0].events[0].position <= self.applied + 1:
-            await self._publish_batch(self._parked.pop(0).events)
-
-    async def _publish_batch(self, events: list[StoredEvent]) -> None:
         last = events[-1]
         for stored in events:
             # Marked before publishing: a catch-up that sees this position
@@ -217,17 +252,10 @@ class Delivery:
                 await self._publish(stored, last=stored is last)
             except Exception:
                 log.exception("could not publish event %d (%s); delivering the next", stored.position, stored.type)
+        if not own:
+            self._on_followed(events)
         # The batch's fan-out goes out before the appenders' acks.
         self.publisher.flush()
-
-    def _apply_followed(self, events: list[StoredEvent]) -> None:
-        fresh = []
-        for stored in events:
-            if stored.position == self.applied + 1:
-                self._apply(stored)
-                fresh.append(stored)
-        if fresh:
-            self._on_followed(fresh)
 
     def _apply(self, stored: StoredEvent) -> None:
         """Apply to the live views, once, in position order."""
@@ -241,6 +269,7 @@ class Delivery:
         self.applied = stored.position
         if self.first_visible is None and stored.type in VISIBLE_TYPES:
             self.first_visible = stored.position
+        self._on_applied(stored)
 
     async def _publish(self, stored: StoredEvent, *, last: bool = False) -> None:
         event = stored.event

@@ -72,6 +72,8 @@ LEFT_SERVER_SHUTDOWN = "server shutdown"
 LEFT_TAKEN_OVER = "taken over"  # the same user resumed on another socket
 # The log showed the user online for this process, but no socket held it.
 LEFT_SESSION_LOST = "session lost"
+# The process holding the session stopped renewing its lease (it died).
+LEFT_NODE_LOST = "node lost"
 
 
 # What a client in the lobby is entitled to see: history and replays carry these.

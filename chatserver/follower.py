@@ -1,11 +1,11 @@
 """Following the shared log: what other processes appended, handed to delivery.
 
-With several processes on one PostgreSQL log, each process's live views
-(online users, recent history, the stream heads its logins rely on) must
-include the others' events. The follower reads the log after what delivery
-has applied and hands it over as ``Followed`` items: on a timer when other
-processes are expected (Redis configured), and whenever delivery finds a gap
-before one of its own batches. Reading happens here, never in the dispatcher.
+With several processes on one PostgreSQL log, every process delivers every
+event to its own sockets, from the log, in position order. The follower reads
+the log after what delivery has applied and hands it over as ``Followed``
+items: when the log signal (``logsignal``) says the log grew past that, when
+delivery finds a gap before one of its own batches, and on a short timer in
+case a signal was lost. Reading happens here, never in the dispatcher.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ class LogFollower:
 
     def poke(self) -> None:
         self._wake.set()
+
+    def signalled(self, head: int) -> None:
+        """The log grew to ``head`` (0: unknown, look anyway)."""
+        if head == 0 or head > self.delivery.applied:
+            self._wake.set()
 
     async def _run(self) -> None:
         while True:

@@ -83,6 +83,8 @@ class Session:
     socket_gone: bool = False
     # Replay from this position instead of sending history (a resume).
     resume_after: int | None = None
+    # Where its login (or resume) landed in the log, once committed.
+    login_position: int | None = None
     # The session this one takes over (a resume while the old one is online).
     ghost: Session | None = None
     leave_reason: str = LEFT_DISCONNECTED

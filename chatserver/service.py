@@ -18,20 +18,23 @@ from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import projections
+from . import logsignal, projections
 from .commands import Commands, new_command_id
 from .config import Settings
 from .delivery import Delivery, Publisher
 from .domain import decide_leave
 from .events import LEFT_SERVER_RESTART, LEFT_SERVER_SHUTDOWN, VISIBLE_TYPES, StoredEvent, UserJoined, UserLeft, UserLoggedIn, user_stream
 from .follower import LogFollower
+from .leases import NodeLease, owner_of
 from .lifecycle import Effect, Sessions, State
 from .store import EventStore, StreamHead
 from .writer import EventWriter
 
 log = logging.getLogger(__name__)
 
-FOLLOW_INTERVAL = 0.2  # seconds between looks at a shared log (several processes)
+# Seconds between looks at a shared log when no signal came (a lost signal
+# delays delivery by at most this).
+FOLLOW_POLL = 0.5
 SHUTDOWN_LEAVES_TIMEOUT = 5.0
 USER_PREFIX = user_stream("")
 
@@ -47,11 +50,19 @@ class ChatService:
         self.settings = settings
         self.store = store
         self.sessions = Sessions()
-        self.writer = writer_factory(in_transaction=[projections.save], on_commit=self._committed)
-        self.delivery = Delivery(settings, store, publisher, self.sessions, on_followed=self._followed)
+        # A PostgreSQL log may be shared by several processes: each append
+        # signals the new head, and each process follows the log.
+        shared = store.engine.dialect.name == "postgresql"
+        in_transaction = [projections.save, *([logsignal.notify] if shared else [])]
+        self.writer = writer_factory(in_transaction=in_transaction, on_commit=self._committed)
+        self.delivery = Delivery(
+            settings, store, publisher, self.sessions, on_followed=self._followed, on_applied=self._applied
+        )
         self.commands = Commands(settings, store, self.writer, self.sessions, self.delivery)
-        self.follower = LogFollower(store, self.delivery, interval=FOLLOW_INTERVAL if settings.redis_url else None)
+        self.follower = LogFollower(store, self.delivery, interval=FOLLOW_POLL if shared else None)
+        self.listener = logsignal.LogListener(store.engine.url, self.follower.signalled) if shared else None
         self._reconciler: asyncio.Task[None] | None = None
+        self.lease: NodeLease | None = None
 
     @property
     def online(self) -> projections.OnlineUsers:
@@ -74,10 +85,19 @@ class ChatService:
             for stream, version in (await self.store.stream_versions(USER_PREFIX)).items()
             if version is not None
         }
-        ghosts = [u for u in view.users() if u.node == self.settings.node_id]
+        if self.listener is None:
+            # One process per SQLite file: whatever is online is a previous run's.
+            ghosts = view.users()
+        else:
+            # Sessions logged before node leases existed belong to no lease:
+            # those of this node's name are the previous run's.
+            ghosts = [u for u in view.users() if owner_of(u.session) is None and u.node == self.settings.node_name]
         self.delivery.start(view, recent, first[0].position if first else None)
         self.writer.start()
         self.follower.start()
+        if self.listener is not None:
+            self.listener.start()
+            await self._take_lease()
         for ghost in ghosts:
             # Nobody is connected yet to be told of these leaves.
             head = self.commands.heads.get(user_stream(ghost.name), StreamHead(ghost.version, UserJoined.type))
@@ -88,6 +108,31 @@ class ChatService:
             log.info("closed %d session(s) left open by the previous run", len(ghosts))
         self._reconciler = asyncio.create_task(self._reconcile_forever(), name="reconciler")
 
+    async def _take_lease(self) -> None:
+        lease = self.lease = NodeLease(
+            self.store.engine,
+            lease_id=self.sessions.instance,
+            name=self.settings.node_name,
+            period=self.settings.node_lease_seconds,
+            close_sessions=self._close_lost,
+            on_fenced=self.commands.fence,
+            on_new_lease=self._new_lease,
+        )
+        await lease.register()
+        if self.settings.node_id:
+            # The same process slot started again: its previous run is over.
+            await lease.reap_previous_runs()
+        self.commands.reap_owner = lease.reap_owner_of
+        lease.start()
+
+    async def _close_lost(self, sessions: list[tuple[str, str]], reason: str) -> None:
+        assert self.lease is not None
+        await self.commands.close_lost(sessions, reason, self.lease.session_of)
+
+    def _new_lease(self, lease_id: str) -> None:
+        self.sessions.instance = lease_id
+        self.commands.fenced = False
+
     async def close_sessions(self, reason: str = LEFT_SERVER_SHUTDOWN) -> None:
         """Record the leave of every logged-in socket (graceful shutdown)."""
         await self.commands.close_sessions(reason, SHUTDOWN_LEAVES_TIMEOUT)
@@ -97,8 +142,12 @@ class ChatService:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
+        if self.listener is not None:
+            await self.listener.stop()
         await self.follower.stop()
         await self.writer.close()
+        if self.lease is not None:
+            await self.lease.stop(release=True)
         await self.delivery.stop()
 
     # -- the writer's commit callback --------------------------------------
@@ -112,12 +161,32 @@ class ChatService:
             if isinstance(event, UserLoggedIn):
                 session = self.sessions.by_id(event.session)
                 if session is not None and session.state is State.PENDING:
+                    session.login_position = s.position
                     effects.extend(self.sessions.login_committed(session))
         self.delivery.committed(stored)
         self.commands.carry_out(effects)
 
     def _followed(self, stored: list[StoredEvent]) -> None:
         self.commands.note_heads(stored)
+
+    def _applied(self, stored: StoredEvent) -> None:
+        """A login of a name this process holds, by a session that is not
+        the holder: the user resumed on another process, which recorded the
+        takeover. The session here is over: its socket is dropped at once
+        (and its chats would fail on their version anyway)."""
+        event = stored.event
+        if not isinstance(event, UserLoggedIn):
+            return
+        holder = self.sessions.holder(event.name)
+        if (
+            holder is not None
+            and holder.id != event.session
+            and holder.state in (State.ACTIVE, State.YIELDING)
+            and holder.login_position is not None
+            and stored.position > holder.login_position
+        ):
+            log.info("%s resumed on another process; closing the session here", event.name)
+            self.commands.carry_out(self.sessions.superseded(holder))
 
     async def _reconcile_forever(self) -> None:
         while True:

@@ -76,7 +76,7 @@ async def test_one_failing_publish_does_not_drop_the_rest_of_the_batch(
     assert len(failures) == 1
 
 
-async def test_a_batch_after_a_gap_waits_for_the_missing_events(store: EventStore) -> None:
+async def test_a_batch_after_a_gap_waits_for_the_other_process_events(store: EventStore) -> None:
     publisher = RecordingPublisher(fail_on=set())
     delivery = Delivery(Settings(), store, publisher, Sessions())
     asked: list[int] = []
@@ -91,6 +91,21 @@ async def test_a_batch_after_a_gap_waits_for_the_missing_events(store: EventStor
     delivery.followed([joined])
     await asyncio.sleep(0.05)
     await delivery.stop()
-    # The other process's event reached our sockets its own way; ours follows.
-    assert [d["message"] for _e, d in publisher.broadcasts] == ["one", "three"]
+    # The other process's event is delivered here too, in its place.
+    assert [e for e, _d in publisher.broadcasts] == ["chat", "userJoined", "chat"]
+    assert publisher.broadcasts[1][1][0] == "carl"
     assert delivery.online.names() == ["carl"] and delivery.applied == 3
+
+
+async def test_events_read_from_the_log_are_delivered_once_whichever_way_they_come(store: EventStore) -> None:
+    publisher = RecordingPublisher(fail_on=set())
+    delivery = Delivery(Settings(), store, publisher, Sessions())
+    delivery.start(OnlineUsers(), [], None)
+    # The follower read our own batch before the commit callback handed it over.
+    delivery.followed([chat(1, "one"), chat(2, "two")])
+    delivery.committed([chat(1, "one"), chat(2, "two")])
+    delivery.committed([chat(3, "three")])
+    delivery.followed([chat(2, "two"), chat(3, "three"), chat(4, "four")])
+    await asyncio.sleep(0.05)
+    await delivery.stop()
+    assert [d["message"] for _e, d in publisher.broadcasts] == ["one", "two", "three", "four"]
