@@ -14,7 +14,7 @@ from chatserver.events import MessagePosted, NewEvent, UserJoined, UserLoggedIn
 from chatserver.store import EventStore
 from tests.support import Postgres, alembic, sqlite_url
 
-TABLES = {"alembic_version", "events", "online_users", "projection_positions", "resume_tokens"}
+TABLES = {"alembic_version", "events", "online_users", "projection_positions", "resume_tokens", "node_leases"}
 
 
 async def tables(url: str) -> set[str]:
@@ -43,7 +43,7 @@ async def round_trip(url: str) -> None:
     finally:
         await engine.dispose()
     current = alembic(url, "current")
-    assert "0003 (head)" in current.stdout
+    assert "0004 (head)" in current.stdout
     down = alembic(url, "downgrade", "base")
     assert down.returncode == 0, down.stderr
     assert await tables(url) <= {"alembic_version"}
