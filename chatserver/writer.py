@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,6 +25,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .events import NewEvent, StoredEvent
+from .metrics import STATS
 from .sqlite_writer import SqliteWriterThread
 from .store import ConcurrencyError, EventStore
 
@@ -108,6 +110,7 @@ class EventWriter:
                 log.exception("event writer failed a batch")
 
     async def _commit(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
         try:
             stored = await self._transaction([e for r in batch for e in r.events])
         except ConcurrencyError:
@@ -120,10 +123,12 @@ class EventWriter:
                 await self._commit([request])
             return
         except Exception as exc:
+            STATS.database_errors += 1
             log.exception("append failed")
             for request in batch:
                 self._fail(request, exc)
             return
+        STATS.commit_seconds.observe(time.perf_counter() - started)
         if self._on_commit is not None:
             self._on_commit(stored)
         offset = 0
