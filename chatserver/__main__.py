@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
     from .web import AccessLogger
 
-    print(f"chatserver on http://{settings.host}:{settings.port} ({settings.database_url})", flush=True)
+    from .check import redacted
+
+    logging.getLogger("chatserver").info(
+        "chatserver on http://%s:%d (%s)", settings.host, settings.port, redacted(settings.database_url)
+    )
     app = create_app(settings)
     # First among the shutdown hooks: the bound covers all of them.
     app.on_shutdown.insert(0, partial(_bound_shutdown, settings.shutdown_timeout))
