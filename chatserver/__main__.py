@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DatabaseNotMigrated, DatabaseUnavailable) as exc:
         print(f"chatserver: {exc}", file=sys.stderr)
         return 2
-    from .app import create_app
+    from .fast_start import import_create_app
     from .web import AccessLogger
+
+    create_app = import_create_app(settings.redis_url is not None)
 
     from .check import redacted
 
