@@ -447,3 +447,76 @@ def test_check_on_postgresql_hides_the_password_and_reports_an_unreachable_serve
     assert result.returncode == 1, result.stdout
     assert "s3cret" not in result.stdout and "***" in result.stdout
     assert "problem: cannot" in result.stdout, result.stdout
+
+
+# -- packaging -------------------------------------------------------------------------
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the final stage, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, args = line.partition(" ")
+        if instruction.upper() == "FROM":
+            out = []  # only the last stage is what runs
+        out.append((instruction.upper(), " ".join(args.split())))
+    return out
+
+
+def test_dockerfile_runs_our_commands_as_a_non_root_user_with_a_healthcheck() -> None:
+    steps = dockerfile_instructions()
+    first = dict(steps)
+    assert "slim" in first["FROM"]
+    assert first["USER"] not in ("root", "0")
+    assert first["VOLUME"] == "/data"
+    assert "/healthz" in first["HEALTHCHECK"]
+    assert "sqlite+aiosqlite:////data/chat.db" in first["ENV"]
+    # Every file it copies from the build context exists.
+    for instruction, args in steps:
+        if instruction == "COPY" and not args.startswith("--from"):
+            for source in args.split()[:-1]:
+                assert (ROOT / source).exists(), source
+    # The commands it runs are this project's console scripts.
+    cmd = json.loads(first["CMD"])
+    assert cmd[:2] == ["sh", "-c"] and cmd[2] == "alembic upgrade head && exec chatserver"
+    health = json.loads(first["HEALTHCHECK"].split("CMD", 1)[1])
+    assert health[0] == "python"
+    bin_dir = Path(sys.executable).parent
+    for script in ("alembic", "chatserver"):
+        assert (bin_dir / script).exists(), script
+    # The healthcheck's own Python line runs (against a closed port it fails fast).
+    from tests.support import free_port
+
+    probe = subprocess.run([sys.executable, "-c", health[2]], env={**os.environ, "PORT": str(free_port())},
+                           capture_output=True, text=True, timeout=20)
+    assert probe.returncode != 0 and "Connection refused" in probe.stderr, probe.stderr
+
+
+def test_compose_runs_postgres_and_two_chat_processes_behind_a_proxy() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "migrate", "chat1", "chat2", "proxy"} <= services.keys()
+    assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
+    nodes = set()
+    for name in ("chat1", "chat2"):
+        chat = services[name]
+        assert chat["command"] == ["chatserver"]
+        env = chat["environment"]
+        assert env["CHAT_DATABASE_URL"].startswith("postgresql+asyncpg://")
+        assert env["CHAT_REDIS_URL"].startswith("redis://")
+        nodes.add(env["CHAT_NODE_ID"])
+        assert chat["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        # The settings the chat processes get are valid settings.
+        from chatserver.check import validate
+        from chatserver.config import Settings
+
+        problems, _warnings = validate(Settings.from_env({k: str(v) for k, v in env.items()}))
+        assert not problems, problems
+    assert len(nodes) == 2, "each process needs its own CHAT_NODE_ID"
+    nginx = compose["configs"]["nginx"]["content"]
+    assert "server chat1:8080;" in nginx and "server chat2:8080;" in nginx
+    assert "$$http_upgrade" in nginx  # compose turns $$ into the $ nginx reads
