@@ -91,7 +91,9 @@ async def _close_connections(app: web.Application) -> None:
     # ignore engine.io's close packet): give them a moment, then move on.
     closing = [asyncio.create_task(s.close(reason=eio.reason.SERVER_DISCONNECT)) for s in list(eio.sockets.values())]
     if closing:
-        _done, pending = await asyncio.wait(closing, timeout=SHUTDOWN_GRACE)
+        # A short CHAT_SHUTDOWN_TIMEOUT leaves the rest of the stop its share.
+        grace = min(SHUTDOWN_GRACE, app[SETTINGS].shutdown_timeout / 4)
+        _done, pending = await asyncio.wait(closing, timeout=grace)
         for task in pending:
             task.cancel()
         eio.sockets.clear()
