@@ -90,11 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         from .check import run
 
         return run(settings)
-    try:
-        configure_logging(settings.log_format, settings.log_level, settings.node_id)
-    except ValueError as exc:
-        print(f"chatserver: {exc}", file=sys.stderr)
+    from .check import validate
+
+    # The same rules as `chatserver check`: a bad setting stops the start with
+    # its name, not with a traceback from deep inside.
+    problems, _warnings = validate(settings)
+    if problems:
+        for problem in problems:
+            print(f"chatserver: {problem}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_format, settings.log_level, settings.node_id)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:

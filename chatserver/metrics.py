@@ -151,10 +151,12 @@ class AppCollector:
             g.add_metric([transport], n)
         yield g
 
+        from .lifecycle import State
+
         service = self._service()
         logged_in = online = 0
         if service is not None:
-            logged_in = sum(1 for s in service.sessions.live() if s.state.name == "ACTIVE")
+            logged_in = sum(1 for s in service.sessions.live() if s.state is State.ACTIVE)
             online = len(service.online)
         yield GaugeMetricFamily("chat_sessions_logged_in", "Sessions logged in on this process", value=logged_in)
         yield GaugeMetricFamily("chat_online_users", "Users online in the shared log (all processes)", value=online)

@@ -520,3 +520,17 @@ def test_compose_runs_postgres_and_two_chat_processes_behind_a_proxy() -> None:
     nginx = compose["configs"]["nginx"]["content"]
     assert "server chat1:8080;" in nginx and "server chat2:8080;" in nginx
     assert "$$http_upgrade" in nginx  # compose turns $$ into the $ nginx reads
+
+
+def test_the_server_refuses_to_start_on_a_bad_setting_and_names_it(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "chatserver"],
+        cwd=ROOT,
+        env={**os.environ, "CHAT_DATABASE_URL": migrated_sqlite(tmp_path), "CHAT_METRICS": "sometimes",
+             "CHAT_LOG_FORMAT": "xml"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "CHAT_METRICS must be on, off or a port number" in result.stderr
+    assert "CHAT_LOG_FORMAT must be one of text, json" in result.stderr
+    assert "Traceback" not in result.stderr
