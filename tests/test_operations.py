@@ -32,6 +32,7 @@ from tests.support import (
     InProcessServer,
     Postgres,
     ServerProcess,
+    free_port,
     log_of,
     migrated_sqlite,
     settings_for,
@@ -216,8 +217,6 @@ async def test_metrics_move_when_clients_log_in_and_chat(server: InProcessServer
 
 
 async def test_metrics_can_be_turned_off_or_moved_to_their_own_port(db_url: str) -> None:
-    from tests.support import free_port
-
     off = await InProcessServer(settings_for(db_url, metrics="off")).start()
     try:
         status, _ctype, body = await get(off.url + "/metrics")
@@ -441,8 +440,6 @@ def test_check_fails_on_a_missing_or_unmigrated_database_and_creates_nothing(tmp
 def test_check_on_postgresql_hides_the_password_and_reports_an_unreachable_server(pg_url: str) -> None:
     result = run_check(CHAT_DATABASE_URL=pg_url)
     assert result.returncode == 0, result.stdout + result.stderr
-    from tests.support import free_port
-
     result = run_check(CHAT_DATABASE_URL=f"postgresql+asyncpg://chat:s3cret@127.0.0.1:{free_port()}/chat")
     assert result.returncode == 1, result.stdout
     assert "s3cret" not in result.stdout and "***" in result.stdout
@@ -487,8 +484,6 @@ def test_dockerfile_runs_our_commands_as_a_non_root_user_with_a_healthcheck() ->
     for script in ("alembic", "chatserver"):
         assert (bin_dir / script).exists(), script
     # The healthcheck's own Python line runs (against a closed port it fails fast).
-    from tests.support import free_port
-
     probe = subprocess.run([sys.executable, "-c", health[2]], env={**os.environ, "PORT": str(free_port())},
                            capture_output=True, text=True, timeout=20)
     assert probe.returncode != 0 and "Connection refused" in probe.stderr, probe.stderr
