@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import threading
+from functools import partial
 
 from aiohttp import web
 
 from .config import Settings
 from .database import DatabaseNotMigrated, DatabaseUnavailable, check_migrated, create_engine
+from .logs import configure as configure_logging
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -46,6 +50,27 @@ async def _rebuild(settings: Settings) -> int:
     return 0
 
 
+async def _bound_shutdown(timeout: float, _app: web.Application) -> None:
+    """SIGTERM or SIGINT: the listener is closed, the graceful stop begins.
+    Whatever it waits on (a database that stopped answering, a client that
+    does not close), the process is gone ``timeout`` seconds from now: an
+    orchestrator's own kill would come without the leaves' last chance, and a
+    stop that hangs blocks the next deploy. Sessions a forced exit leaves open
+    are closed as "server restart" when this node starts again."""
+
+    def exit_now() -> None:
+        logging.getLogger("chatserver").error(
+            "graceful stop took longer than CHAT_SHUTDOWN_TIMEOUT=%g s; exiting now", timeout
+        )
+        logging.shutdown()
+        os._exit(1)
+
+    logging.getLogger("chatserver").info("stopping (at most %g s)", timeout)
+    timer = threading.Timer(timeout, exit_now)
+    timer.daemon = True
+    timer.start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chatserver",
@@ -56,12 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         "command",
         nargs="?",
         default="serve",
-        choices=["serve", "rebuild-projections"],
-        help="serve (default) or rebuild-projections",
+        choices=["serve", "rebuild-projections", "check"],
+        help="serve (default), rebuild-projections, or check (validate the settings and the database)",
     )
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "check":
+        from .check import run
+
+        return run(settings)
+    from .check import validate
+
+    # The same rules as `chatserver check`: a bad setting stops the start with
+    # its name, not with a traceback from deep inside.
+    problems, _warnings = validate(settings)
+    if problems:
+        for problem in problems:
+            print(f"chatserver: {problem}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level, settings.node_id)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -74,15 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app
     from .web import AccessLogger
 
-    print(f"chatserver on http://{settings.host}:{settings.port} ({settings.database_url})", flush=True)
+    from .check import redacted
+
+    logging.getLogger("chatserver").info(
+        "chatserver on http://%s:%d (%s)", settings.host, settings.port, redacted(settings.database_url)
+    )
+    app = create_app(settings)
+    # First among the shutdown hooks: the bound covers all of them.
+    app.on_shutdown.insert(0, partial(_bound_shutdown, settings.shutdown_timeout))
     try:
         web.run_app(
-            create_app(settings),
+            app,
             host=settings.host,
             port=settings.port,
             loop=loop,
             print=None,
             access_log_class=AccessLogger,
+            shutdown_timeout=settings.shutdown_timeout,
         )
     except OSError as exc:
         print(f"chatserver: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 
 import socketio
 from aiohttp import web
@@ -16,12 +17,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import Settings
 from .database import check_migrated, create_engine
+from .events import StoredEvent
 from .fanout import FanoutManager, FanoutPublisher, FanoutServer
+from .health import MigrationsUnreadable, Readiness, head_revision, setup_health
+from .metrics import STATS, AppCollector, DispatchLag, parse_setting, setup_metrics
 from .service import ChatService
 from .sockets import SocketHandlers
 from .store import EventStore
 from .web import setup_routes
-from .writer import EventWriter
+from .writer import EventWriter, OnCommit
 
 SHUTDOWN_GRACE = 2.0  # seconds a closing connection gets at shutdown
 
@@ -30,6 +34,7 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 STORE = web.AppKey("store", EventStore)
 SERVICE = web.AppKey("service", ChatService)
 WRITER_ENGINE = web.AppKey("writer_engine", AsyncEngine)
+LAG = web.AppKey("dispatch_lag", DispatchLag)
 
 
 def create_sio(settings: Settings) -> socketio.AsyncServer:
@@ -56,10 +61,23 @@ def create_app(settings: Settings | None = None) -> web.Application:
     sio = create_sio(settings)
     app[SIO] = sio
     sio.attach(app)
-    setup_routes(app, settings)
+    _setup_operations(app, settings, sio)
+    setup_routes(app, settings)  # last: it ends with the index fallback
     app.cleanup_ctx.append(_chat_ctx)
     app.on_shutdown.append(_close_connections)
     return app
+
+
+def _setup_operations(app: web.Application, settings: Settings, sio: socketio.AsyncServer) -> None:
+    """/healthz, /readyz and /metrics, registered before the index fallback."""
+    try:
+        head, head_problem = head_revision(), None
+    except (OSError, MigrationsUnreadable) as exc:
+        head, head_problem = None, str(exc)
+    setup_health(app, Readiness(head, head_problem, service=lambda: app.get(SERVICE), store=lambda: app.get(STORE)))
+    lag = app[LAG] = DispatchLag()
+    collector = AppCollector(lambda: sio.eio.sockets, lambda: app.get(SERVICE), lag)
+    setup_metrics(app, parse_setting(settings.metrics), settings.host, collector)
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -72,10 +90,23 @@ async def _close_connections(app: web.Application) -> None:
     # ignore engine.io's close packet): give them a moment, then move on.
     closing = [asyncio.create_task(s.close(reason=eio.reason.SERVER_DISCONNECT)) for s in list(eio.sockets.values())]
     if closing:
-        _done, pending = await asyncio.wait(closing, timeout=SHUTDOWN_GRACE)
+        # A short CHAT_SHUTDOWN_TIMEOUT leaves the rest of the stop its share.
+        grace = min(SHUTDOWN_GRACE, app[SETTINGS].shutdown_timeout / 4)
+        _done, pending = await asyncio.wait(closing, timeout=grace)
         for task in pending:
             task.cancel()
         eio.sockets.clear()
+
+
+def _counted_writer(lag: DispatchLag, *args: Any, on_commit: OnCommit | None = None, **kwargs: Any) -> EventWriter:
+    # Metrics are counted once per committed batch, before delivery sees it.
+    def committed(stored: list[StoredEvent]) -> None:
+        STATS.batch(stored)
+        lag.committed(stored)
+        if on_commit is not None:
+            on_commit(stored)
+
+    return EventWriter(*args, on_commit=committed, **kwargs)
 
 
 async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -86,9 +117,10 @@ async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         await check_migrated(read_engine)
         store = EventStore(read_engine)
-        writer_factory = partial(EventWriter, store, writer_engine, max_batch=settings.max_batch)
+        writer_factory = partial(_counted_writer, app[LAG], store, writer_engine, max_batch=settings.max_batch)
         publisher = FanoutPublisher(sio)
         service = ChatService(settings, store, writer_factory, publisher)
+        app[LAG].applied = lambda: service.delivery.applied
         await service.start(writer_engine)
         SocketHandlers(settings, service.commands).register(sio)
         app[STORE] = store

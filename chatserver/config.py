@@ -70,6 +70,12 @@ class Settings:
     node_lease_seconds: float = 15.0
     # Largest number of appends committed in one transaction (group commit).
     max_batch: int = 512
+    # Operations: log lines (text|json) and level, /metrics (on, off or a
+    # port of its own), seconds a graceful stop may take before the process exits.
+    log_format: str = "text"
+    log_level: str = "INFO"
+    metrics: str = "on"
+    shutdown_timeout: float = 10.0
 
     @property
     def node_name(self) -> str:
@@ -101,4 +107,8 @@ class Settings:
             resume_max_gap=_int(env, "CHAT_RESUME_MAX_GAP", defaults.resume_max_gap),
             reconcile_interval=_float(env, "CHAT_RECONCILE_INTERVAL", defaults.reconcile_interval),
             max_batch=_int(env, "CHAT_MAX_BATCH", defaults.max_batch),
+            log_format=(env.get("CHAT_LOG_FORMAT") or defaults.log_format).lower(),
+            log_level=(env.get("CHAT_LOG_LEVEL") or defaults.log_level).upper(),
+            metrics=env.get("CHAT_METRICS") or defaults.metrics,
+            shutdown_timeout=_float(env, "CHAT_SHUTDOWN_TIMEOUT", defaults.shutdown_timeout),
         )

@@ -49,6 +49,8 @@ from engineio import async_socket, exceptions as eio_exceptions
 from engineio import packet as eio_packet
 
 from . import protocol
+from .logs import client_problem
+from .metrics import STATS
 from .sockets import SocketIOPublisher
 
 log = logging.getLogger(__name__)
@@ -179,10 +181,13 @@ class DirectSocket(async_socket.AsyncSocket):
             self._overflow(transport)
 
     def _overflow(self, transport: asyncio.Transport) -> None:
-        log.warning(
+        STATS.drop("slow")
+        client_problem(
+            "slow_socket",
             "engine.io socket %s: more than %d bytes unsent, dropping it as too slow",
             self.sid,
             self._max_buffer,
+            sid=self.sid,
         )
         self._dead = True
         # The reader sees the connection lost, and the socket closes as if the
@@ -400,6 +405,9 @@ class FanoutManager(socketio.AsyncManager):
         if not recipients:
             return
         frame = ws_frame(payload)
+        # Counted per broadcast, not per recipient: the hot loop stays as is.
+        STATS.deliveries += len(recipients)
+        STATS.delivery_bytes += len(recipients) * len(frame)
         sockets = self.server.eio.sockets
         slow: list[Any] = []
         for eio_sid in recipients:

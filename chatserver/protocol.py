@@ -10,6 +10,7 @@ from typing import Any
 
 from .domain import DomainError
 from .events import MessagePosted, StoredEvent, UserJoined, UserLeft, UserLoggedIn
+from .metrics import STATS
 
 # client -> server
 LOGIN = "login"
@@ -128,6 +129,7 @@ def error_payload(event: str, error: DomainError) -> dict[str, Any]:
 
 
 def ack_error(error: DomainError) -> dict[str, Any]:
+    STATS.refused(error.code)  # every refusal's acknowledgement is built here
     return {"ok": False, "error": error.code, "message": error.message}
 
 

@@ -135,7 +135,8 @@ class ChatService:
 
     async def close_sessions(self, reason: str = LEFT_SERVER_SHUTDOWN) -> None:
         """Record the leave of every logged-in socket (graceful shutdown)."""
-        await self.commands.close_sessions(reason, SHUTDOWN_LEAVES_TIMEOUT)
+        # Leave the writer time to commit the leaves within the stop's bound.
+        await self.commands.close_sessions(reason, min(SHUTDOWN_LEAVES_TIMEOUT, self.settings.shutdown_timeout / 2))
 
     async def stop(self) -> None:
         if self._reconciler is not None:

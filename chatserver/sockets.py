@@ -23,6 +23,7 @@ from .domain import BadPayload, DomainError, NameBad, NameTaken, RateLimited, Se
 from .ratelimit import TokenBucket
 from .commands import Commands
 from .database import DatabaseUnavailable
+from .metrics import STATS
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class SocketHandlers:
         return {"ok": True, **protocol.welcome_payload(stored)}
 
     async def on_resume(self, sid: str, *args: Any) -> dict[str, Any]:
+        STATS.replay_requests += 1
         request = args[0] if len(args) == 1 else None
         try:
             if not isinstance(request, dict):
@@ -172,6 +174,7 @@ class SocketHandlers:
         return {"ok": True, **protocol.welcome_payload(stored)}
 
     async def on_history(self, sid: str, *args: Any) -> dict[str, Any]:
+        STATS.history_requests += 1
         try:
             if len(args) > 1:
                 raise BadPayload("history takes one object {before, limit}")

@@ -10,6 +10,8 @@ from aiohttp import web
 from .config import Settings
 
 SOCKET_IO_PATH = "/socket.io/"
+# Probes and scrapes come every few seconds and say nothing about users.
+QUIET_PATHS = frozenset({SOCKET_IO_PATH, "/healthz", "/readyz", "/metrics"})
 
 # URL prefix -> folder inside node_modules. Only these are served.
 VENDOR: dict[str, str] = {
@@ -35,6 +37,8 @@ def _inside(root: Path, relative: str) -> Path | None:
 
 
 def setup_routes(app: web.Application, settings: Settings) -> None:
+    """The client's routes, ending with the index fallback: anything else
+    (/healthz, /readyz, /metrics) must be registered before this."""
     node_modules = settings.node_modules_dir
     public = settings.public_dir
 
@@ -75,6 +79,6 @@ class AccessLogger(web.AccessLogger):
     does not, and formatting it was ~6% of the server's time under churn."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if request.path == SOCKET_IO_PATH:  # the Engine.IO endpoint, not the client's .js
+        if request.path in QUIET_PATHS:  # the Engine.IO endpoint, not the client's .js; probes
             return
         super().log(request, response, time)

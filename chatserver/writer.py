@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .database import CommitFailed, DatabaseUnavailable, describe, is_unavailable
 from .events import NewEvent, StoredEvent
+from .metrics import STATS
 from .sqlite_writer import SqliteWriterThread
 from .store import ConcurrencyError, EncodedEvent, EventStore, UnencodableEvent, encode
 
@@ -207,6 +209,7 @@ class EventWriter:
                     self._fail(request, exc)
 
     async def _commit(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
         try:
             outcome = await self._transaction(batch)
         except CommitFailed as lost:
@@ -231,6 +234,7 @@ class EventWriter:
                 log.error("append of one command failed: %s", describe(exc), exc_info=exc)
             self._fail(batch[0], exc)
             return
+        STATS.commit_seconds.observe(time.perf_counter() - started)
         self._committed(batch, outcome)
 
     def _committed(self, batch: list[_Request], outcome: _Outcome) -> None:
@@ -255,6 +259,7 @@ class EventWriter:
         self.batches += 1
 
     def _outage(self, exc: BaseException) -> None:
+        STATS.database_errors += 1
         self._failed_batches += 1
         if self._failed_batches == 1:
             log.error("database unavailable: %s", describe(exc))
