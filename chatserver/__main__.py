@@ -49,9 +49,10 @@ async def _rebuild(settings: Settings) -> int:
     print(
         f"projections rebuilt at position {view.position}: {len(view)} online, "
         f"{stats.resume_tokens} resume tokens\n"
-        f"folded {stats.events} events in {time.monotonic() - started:.2f} s without the write lock; "
-        f"rewrote {stats.online_written} online_users and {stats.grants_written} resume_tokens rows "
-        f"in {stats.transactions} short write transaction(s), the longest {stats.longest_transaction * 1000:.1f} ms"
+        f"{time.monotonic() - started:.2f} s: folded {stats.events} events and compared the tables "
+        f"without the write lock, then rewrote {stats.online_written} online_users and "
+        f"{stats.grants_written} resume_tokens rows in {stats.transactions} short write "
+        f"transaction(s), the longest {stats.longest_transaction * 1000:.1f} ms"
     )
     return 0
 

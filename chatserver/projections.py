@@ -11,6 +11,7 @@ log's write lock for more than one short transaction.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -289,7 +290,9 @@ async def fold(store: EventStore, after: int = 0, view: OnlineUsers | None = Non
 FOLD_CHUNK = 5000
 # Names per locked write transaction (at most one online_users and one
 # resume_tokens row each): a few milliseconds of writes.
-WRITE_CHUNK = 500
+WRITE_CHUNK = 250
+# Seconds at least between two locked transactions (see _settle).
+WRITE_PAUSE = 0.03
 # Rows per page when rebuild compares the tables with the fold.
 SCAN_CHUNK = 5000
 
@@ -379,12 +382,19 @@ async def _settle(store: EventStore, writer_engine: AsyncEngine, folder: _Folder
             await _replace_grants(conn, {n: folder.grant_row(n) for n in grants})
             if final:
                 await _set_position(conn, ONLINE_USERS, folder.view.position)
+        held = time.monotonic() - started
         stats.transactions += 1
-        stats.longest_transaction = max(stats.longest_transaction, time.monotonic() - started)
+        stats.longest_transaction = max(stats.longest_transaction, held)
         stats.online_written += len(online)
         stats.grants_written += len(grants)
         if final:
             return folder.view
+        # Let waiting appends in before the next transaction: SQLite's busy
+        # handler retries with growing sleeps (1, 2, 5, 10, 15, 20, 25 ms...),
+        # so a writer that found the lock taken wakes up late, and
+        # back-to-back transactions would find it asleep and keep it out for
+        # several of them.
+        await asyncio.sleep(max(WRITE_PAUSE, 2 * held))
 
 
 async def _replace_grants(conn: AsyncConnection, changes: dict[str, dict[str, object] | None]) -> None:
