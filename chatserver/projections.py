@@ -12,9 +12,11 @@ log's write lock for more than one short transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -305,7 +307,8 @@ class FoldStats:
     online_written: int = 0  # online_users names rewritten (or removed)
     grants_written: int = 0  # resume_tokens names rewritten (or removed)
     transactions: int = 0  # locked write transactions
-    longest_transaction: float = 0.0  # seconds from BEGIN to COMMIT, the wait for the lock included
+    # Seconds from holding the write lock (PostgreSQL: asking for it) to COMMIT.
+    longest_transaction: float = 0.0
     resume_tokens: int = 0  # rows resume_tokens holds at the end (rebuild only)
 
 
@@ -362,26 +365,43 @@ def _take(names: set[str], n: int) -> list[str]:
     return [names.pop() for _ in range(min(n, len(names)))]
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection while appends wait: a full pass over a large
+    fold's objects (a row per name) takes tens of milliseconds."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 async def _settle(store: EventStore, writer_engine: AsyncEngine, folder: _Folder) -> OnlineUsers:
     """Write every pending name in short locked transactions; the last one
     also folds the final tail and moves the position."""
     stats = folder.stats
     while True:
         await _fold_unlocked(store, folder)
-        started = time.monotonic()
-        async with writer_engine.begin() as conn:
-            # Appends committed since the unlocked read: a few, since that
-            # read ended at the head moments ago.
-            async for stored in store.read_locked(conn, after=folder.view.position):
-                folder.apply(stored)
-            final = folder.pending() <= WRITE_CHUNK
-            budget = folder.pending() if final else WRITE_CHUNK
-            online = _take(folder.dirty_online, budget)
-            grants = _take(folder.dirty_grants, budget - len(online))
-            await _replace(conn, _INSERT_ONLINE, _DELETE_ONLINE, {n: folder.online_row(n) for n in online})
-            await _replace_grants(conn, {n: folder.grant_row(n) for n in grants})
-            if final:
-                await _set_position(conn, ONLINE_USERS, folder.view.position)
+        with _collector_paused():
+            async with writer_engine.begin() as conn:
+                # SQLite: the writer engine's BEGIN IMMEDIATE holds the lock by
+                # now; PostgreSQL: read_locked asks for it first.
+                started = time.monotonic()
+                # Appends committed since the unlocked read: a few, since that
+                # read ended at the head moments ago.
+                async for stored in store.read_locked(conn, after=folder.view.position):
+                    folder.apply(stored)
+                final = folder.pending() <= WRITE_CHUNK
+                budget = folder.pending() if final else WRITE_CHUNK
+                online = _take(folder.dirty_online, budget)
+                grants = _take(folder.dirty_grants, budget - len(online))
+                await _replace(conn, _INSERT_ONLINE, _DELETE_ONLINE, {n: folder.online_row(n) for n in online})
+                await _replace_grants(conn, {n: folder.grant_row(n) for n in grants})
+                if final:
+                    await _set_position(conn, ONLINE_USERS, folder.view.position)
         held = time.monotonic() - started
         stats.transactions += 1
         stats.longest_transaction = max(stats.longest_transaction, held)
