@@ -293,6 +293,13 @@ async def damage_projections(db_url: str, log: SeededLog) -> None:
             await conn.execute(projections.online_users_table.delete())
             await conn.execute(resume_tokens.insert(), GARBAGE_TOKEN)
             await conn.execute(resume_tokens.insert(), {**GARBAGE_TOKEN, "name": log.offline[0], "token_hash": "ee" * 32})
+            # A real hash under the wrong name: writing the right row must
+            # not trip over the unique index.
+            last_login = next(r for r in reversed(log.rows) if r["type"] == "UserLoggedIn")
+            await conn.execute(
+                resume_tokens.insert(),
+                {**GARBAGE_TOKEN, "name": "misfiled", "token_hash": last_login["payload"]["resume_hash"]},
+            )
             await conn.execute(
                 projections.online_users_table.insert(),
                 {"name": log.offline[1], "session": "s", "node": "n", "version": 1, "joined_position": 1},
