@@ -497,8 +497,10 @@ async def rebuild(
 
     Safe while servers append: the log is folded and the tables compared with
     no lock held, then only the rows that differ (and those appends touched
-    meanwhile) are written, a few hundred per short transaction, the last of
-    which reconciles the final tail and sets the position.
+    meanwhile) are written, ``WRITE_CHUNK`` names per short transaction, the
+    last of which reconciles the final tail and sets the position. Memory
+    grows with the number of names ever logged in (one row each), not with
+    the log.
     """
     stats = stats or FoldStats()
     folder = _Folder(OnlineUsers(), stats)
