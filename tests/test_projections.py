@@ -411,7 +411,7 @@ async def rebuild_while_appending(db_url: str, log: SeededLog, caplog: pytest.Lo
 async def test_rebuild_while_the_server_appends_stalls_no_append(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    log = seeded_log(50_000, names=5_000)
+    log = seeded_log(80_000, names=3_000)
     seed_sqlite(db_url, log, position=log.rows[-1]["position"])
     await damage_projections(db_url, log)
     out = await rebuild_while_appending(db_url, log, caplog)
@@ -422,7 +422,7 @@ async def test_rebuild_while_the_server_appends_stalls_no_append(
 
 @pytest.mark.postgres
 async def test_rebuild_on_postgres_while_the_server_appends(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    log = seeded_log(50_000, names=5_000)
+    log = seeded_log(80_000, names=3_000)
     await seed_postgres(pg_url, log, position=log.rows[-1]["position"])
     await damage_projections(pg_url, log)
     await rebuild_while_appending(pg_url, log, caplog)
