@@ -5,6 +5,7 @@ and loses none; a projection that is behind folds forward from its position."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -193,7 +194,7 @@ def sqlite_path(db_url: str) -> str:
 def seed_sqlite(db_url: str, log: SeededLog, position: int | None) -> None:
     """Write ``log`` straight into the file, as another tool would; with
     ``position``, also claim the projection is at that position."""
-    with sqlite3.connect(sqlite_path(db_url)) as db:
+    with contextlib.closing(sqlite3.connect(sqlite_path(db_url))) as db, db:
         db.executemany(
             "INSERT INTO events (position, stream, version, type, payload, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
             [
