@@ -1,5 +1,6 @@
 """``chatserver``: serve the chat; ``chatserver rebuild-projections``: fold
-the read models again from the log."""
+the read models again from the log (safe while servers run: it holds the
+log's write lock for short transactions only)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from functools import partial
 
 from aiohttp import web
@@ -34,6 +36,17 @@ async def _preflight(settings: Settings) -> None:
         await engine.dispose()
 
 
+def _millis(held: list[float]) -> str:
+    ordered = sorted(held)
+    if not ordered:
+        return "never"
+    return (
+        f"{ordered[len(ordered) // 2] * 1000:.1f} ms (median), "
+        f"{ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000:.1f} ms (p99), "
+        f"{ordered[-1] * 1000:.1f} ms (longest)"
+    )
+
+
 async def _rebuild(settings: Settings) -> int:
     from . import projections
     from .store import EventStore
@@ -41,12 +54,21 @@ async def _rebuild(settings: Settings) -> int:
     await _preflight(settings)
     read_engine = create_engine(settings.database_url)
     writer_engine = create_engine(settings.database_url, writer=True)
+    stats = projections.FoldStats()
+    started = time.monotonic()
     try:
-        view = await projections.rebuild(EventStore(read_engine), writer_engine)
+        view = await projections.rebuild(EventStore(read_engine), writer_engine, stats)
     finally:
         await writer_engine.dispose()
         await read_engine.dispose()
-    print(f"online_users rebuilt at position {view.position}: {len(view)} online")
+    print(
+        f"projections rebuilt at position {view.position}: {len(view)} online, "
+        f"{stats.resume_tokens} resume tokens\n"
+        f"{time.monotonic() - started:.2f} s: folded {stats.events} events and compared the tables "
+        f"without the write lock, then rewrote {stats.online_written} online_users and "
+        f"{stats.grants_written} resume_tokens rows in {stats.transactions} short write "
+        f"transaction(s) holding the write lock {_millis(stats.held)}"
+    )
     return 0
 
 
@@ -82,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         default="serve",
         choices=["serve", "rebuild-projections", "check"],
-        help="serve (default), rebuild-projections, or check (validate the settings and the database)",
+        help="serve (default); rebuild-projections: refold online_users and resume_tokens "
+        "from position 0 and rewrite the rows that differ (safe while servers run); "
+        "check: validate the settings and the database",
     )
     args = parser.parse_args(argv)
     settings = Settings.from_env()

@@ -4,15 +4,22 @@
 a time. The persisted ones (tables ``online_users`` and ``resume_tokens``,
 with their position in ``projection_positions``) are written in the same
 transaction as the events they reflect, so after any crash the tables and the
-log agree; ``rebuild`` folds the whole log again from position 0.
+log agree. ``catch_up`` folds a projection that is behind forward from its
+position and ``rebuild`` refolds it from position 0, both without holding the
+log's write lock for more than one short transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -266,25 +273,245 @@ async def fold(store: EventStore, after: int = 0, view: OnlineUsers | None = Non
     return view
 
 
-async def rebuild(store: EventStore, writer_engine: AsyncEngine) -> OnlineUsers:
-    """Recompute the persisted projection from position 0 and store it.
+# -- folding forward ---------------------------------------------------------
+#
+# A running server keeps the tables right itself: ``save`` writes, in every
+# append's transaction, the absolute row of every name the batch touches. So
+# a row, once right, stays right, and writing a name's row as the log decides
+# it at the head is correct at any moment the writer holds the lock, whatever
+# appends came before. Catching up and rebuilding lean on that: the log is
+# folded in chunks with no lock (appends go on), and the names whose rows are
+# wrong or were touched since are written in short locked transactions, each
+# of which first folds the few events appended since the last unlocked read,
+# so what it writes is the log at that transaction's head. Only the last one
+# moves the position, so a crash part-way leaves the projection behind, never
+# ahead, and the next start folds forward again.
 
-    The fold and the replacement run in one write transaction, so appends by a
-    running server wait and the result matches the log at one position.
+# Events per unlocked read: one SELECT each, so no read holds a snapshot (and
+# SQLite's WAL checkpoint) for the whole log.
+FOLD_CHUNK = 5000
+# Names per locked write transaction (at most one online_users and one
+# resume_tokens row each): a few milliseconds of writes, so that the COMMIT's
+# fsync, which every append pays too, is most of what a waiting append waits.
+WRITE_CHUNK = 100
+# Seconds at least between two locked transactions (see _settle).
+WRITE_PAUSE = 0.03
+# Rows per page when rebuild compares the tables with the fold.
+SCAN_CHUNK = 5000
+
+
+@dataclass(slots=True)
+class FoldStats:
+    """What a catch-up or rebuild did, for the command's report."""
+
+    events: int = 0  # events folded, with and without the lock
+    online_written: int = 0  # online_users names rewritten (or removed)
+    grants_written: int = 0  # resume_tokens names rewritten (or removed)
+    # Seconds each locked write transaction held the write lock (PostgreSQL:
+    # from asking for it), through COMMIT.
+    held: list[float] = field(default_factory=list)
+    resume_tokens: int = 0  # rows resume_tokens holds at the end (rebuild only)
+
+    @property
+    def transactions(self) -> int:
+        return len(self.held)
+
+    @property
+    def longest_transaction(self) -> float:
+        return max(self.held, default=0.0)
+
+
+class _Folder:
+    """The view being folded forward, the latest login of every name the
+    fold has seen (the resume_tokens projection needs it across chunks), and
+    the names whose rows the tables still need."""
+
+    def __init__(self, view: OnlineUsers, stats: FoldStats) -> None:
+        self.view = view
+        self.stats = stats
+        self.grants: dict[str, dict[str, object] | None] = {}
+        self.dirty_online: set[str] = set()
+        self.dirty_grants: set[str] = set()
+        # Rebuild folds the log's past without marking: the comparison with
+        # the tables decides which of those names need a write.
+        self.marking = True
+
+    def apply(self, stored: StoredEvent) -> None:
+        self.view.apply(stored)
+        self.stats.events += 1
+        event = stored.event
+        if isinstance(event, UserLoggedIn):
+            self.grants[event.name] = _grant_row(stored)
+            if self.marking:
+                self.dirty_grants.add(event.name)
+        elif isinstance(event, UserJoined | UserLeft):
+            if self.marking:
+                self.dirty_online.add(event.name)
+
+    def pending(self) -> int:
+        return len(self.dirty_online) + len(self.dirty_grants)
+
+    def online_row(self, name: str) -> dict[str, object] | None:
+        user = self.view.get(name)
+        return None if user is None else _online_row(user)
+
+    def grant_row(self, name: str) -> dict[str, object] | None:
+        return self.grants.get(name)
+
+
+async def _fold_unlocked(store: EventStore, folder: _Folder) -> None:
+    """Fold to (near) the head in chunked reads that take no lock."""
+    while True:
+        count = 0
+        async for stored in store.read(after=folder.view.position, limit=FOLD_CHUNK):
+            folder.apply(stored)
+            count += 1
+        if count < FOLD_CHUNK:
+            return
+
+
+def _take(names: set[str], n: int) -> list[str]:
+    return [names.pop() for _ in range(min(n, len(names)))]
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection while appends wait: a full pass over a large
+    fold's objects (a row per name) takes tens of milliseconds."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def _settle(store: EventStore, writer_engine: AsyncEngine, folder: _Folder) -> OnlineUsers:
+    """Write every pending name in short locked transactions; the last one
+    also folds the final tail and moves the position."""
+    stats = folder.stats
+    while True:
+        await _fold_unlocked(store, folder)
+        with _collector_paused():
+            async with writer_engine.begin() as conn:
+                # SQLite: the writer engine's BEGIN IMMEDIATE holds the lock by
+                # now; PostgreSQL: read_locked asks for it first.
+                started = time.monotonic()
+                # Appends committed since the unlocked read: a few, since that
+                # read ended at the head moments ago.
+                async for stored in store.read_locked(conn, after=folder.view.position):
+                    folder.apply(stored)
+                final = folder.pending() <= WRITE_CHUNK
+                budget = folder.pending() if final else WRITE_CHUNK
+                online = _take(folder.dirty_online, budget)
+                grants = _take(folder.dirty_grants, budget - len(online))
+                await _replace(conn, _INSERT_ONLINE, _DELETE_ONLINE, {n: folder.online_row(n) for n in online})
+                await _replace_grants(conn, {n: folder.grant_row(n) for n in grants})
+                if final:
+                    await _set_position(conn, ONLINE_USERS, folder.view.position)
+        held = time.monotonic() - started
+        stats.held.append(held)
+        stats.online_written += len(online)
+        stats.grants_written += len(grants)
+        if final:
+            return folder.view
+        # Let waiting appends in before the next transaction: SQLite's busy
+        # handler retries with growing sleeps (1, 2, 5, 10, 15, 20, 25 ms...),
+        # so a writer that found the lock taken wakes up late, and
+        # back-to-back transactions would find it asleep and keep it out for
+        # several of them.
+        await asyncio.sleep(max(WRITE_PAUSE, 2 * held))
+
+
+async def _replace_grants(conn: AsyncConnection, changes: dict[str, dict[str, object] | None]) -> None:
+    rows = [row for row in changes.values() if row is not None]
+    if rows:
+        # A damaged table may hold one of these hashes under another name;
+        # that row is wrong (a hash belongs to one login) and its own name is
+        # pending anyway, so clear it rather than fail on the unique index.
+        await conn.execute(
+            resume_tokens_table.delete().where(resume_tokens_table.c.token_hash.in_([r["token_hash"] for r in rows]))
+        )
+    await _replace(conn, _INSERT_GRANTS, _DELETE_GRANTS, changes)
+
+
+async def catch_up(
+    store: EventStore, writer_engine: AsyncEngine, view: OnlineUsers, stats: FoldStats | None = None
+) -> OnlineUsers:
+    """Fold the persisted projection forward from ``view.position`` (as
+    ``load`` returned it) to the head, and store the rows that changed.
+
+    Reads only the events after ``view.position``; appends by a running
+    server wait for at most one short transaction.
     """
-    view = OnlineUsers()
-    logins: dict[str, StoredEvent] = {}
-    async with writer_engine.begin() as conn:
-        async for stored in store.read_locked(conn):
-            view.apply(stored)
-            if isinstance(stored.event, UserLoggedIn):
-                logins[stored.event.name] = stored
-        await conn.execute(resume_tokens_table.delete())
-        grant_rows = [row for row in map(_grant_row, logins.values()) if row is not None]
-        if grant_rows:
-            await conn.execute(resume_tokens_table.insert(), grant_rows)
-        await conn.execute(online_users_table.delete())
-        if len(view):
-            await conn.execute(online_users_table.insert(), [_online_row(u) for u in view.users()])
-        await _set_position(conn, ONLINE_USERS, view.position)
+    return await _settle(store, writer_engine, _Folder(view, stats or FoldStats()))
+
+
+def _same(row: sa.Row[Any], wanted: dict[str, object] | None) -> bool:
+    if wanted is None:
+        return False
+    found = dict(row._mapping)
+    issued = found.get("issued_at")
+    if isinstance(issued, datetime) and issued.tzinfo is None:
+        # SQLite hands timestamps back naive; everything we write is UTC.
+        found["issued_at"] = issued.replace(tzinfo=UTC)
+    return found == wanted
+
+
+async def _mark_differences(
+    engine: AsyncEngine,
+    table: sa.Table,
+    wanted: dict[str, dict[str, object] | None],
+    dirty: set[str],
+) -> None:
+    """Mark every name whose row differs from ``wanted``: rows the table has
+    (paged by name, no lock) and wanted rows it lacks.
+
+    A row seen here that a later append rewrites is marked by the fold of
+    that append; any other row stays as read until it is written.
+    """
+    seen: set[str] = set()
+    after: str | None = None
+    while True:
+        query = sa.select(table).order_by(table.c.name).limit(SCAN_CHUNK)
+        if after is not None:
+            query = query.where(table.c.name > after)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        for row in rows:
+            seen.add(row.name)
+            if not _same(row, wanted.get(row.name)):
+                dirty.add(row.name)
+        if len(rows) < SCAN_CHUNK:
+            break
+        after = rows[-1].name
+    dirty.update(name for name, row in wanted.items() if row is not None and name not in seen)
+
+
+async def rebuild(
+    store: EventStore, writer_engine: AsyncEngine, stats: FoldStats | None = None
+) -> OnlineUsers:
+    """Recompute the persisted projections from position 0 and store them.
+
+    Safe while servers append: the log is folded and the tables compared with
+    no lock held, then only the rows that differ (and those appends touched
+    meanwhile) are written, ``WRITE_CHUNK`` names per short transaction, the
+    last of which reconciles the final tail and sets the position. Memory
+    grows with the number of names ever logged in (one row each), not with
+    the log.
+    """
+    stats = stats or FoldStats()
+    folder = _Folder(OnlineUsers(), stats)
+    folder.marking = False
+    await _fold_unlocked(store, folder)
+    # From here on every folded event marks its name: the comparison below
+    # is exact only for names no later event touches.
+    folder.marking = True
+    online = {user.name: _online_row(user) for user in folder.view.users()}
+    await _mark_differences(store.engine, online_users_table, online, folder.dirty_online)
+    await _mark_differences(store.engine, resume_tokens_table, folder.grants, folder.dirty_grants)
+    view = await _settle(store, writer_engine, folder)
+    stats.resume_tokens = sum(row is not None for row in folder.grants.values())
     return view

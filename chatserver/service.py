@@ -73,8 +73,8 @@ class ChatService:
         """Load the projections, close the sessions a crash left open, start."""
         view = await projections.load(self.store.engine)
         if view.position < await self.store.head():
-            # Written by something that did not maintain it: fold it again.
-            view = await projections.rebuild(self.store, writer_engine)
+            # Written by something that did not maintain it: fold it forward.
+            view = await projections.catch_up(self.store, writer_engine, view)
         recent = await self.store.latest(
             limit=self.settings.history_size, before=view.position + 1, types=VISIBLE_TYPES
         )

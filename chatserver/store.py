@@ -389,10 +389,10 @@ class EventStore:
             async for row in result:
                 yield _row_to_event(row)
 
-    async def read_locked(self, conn: AsyncConnection) -> AsyncIterator[StoredEvent]:
-        """The whole log, read in the caller's transaction with appends locked out."""
+    async def read_locked(self, conn: AsyncConnection, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """The log after a position, read in the caller's transaction with appends locked out."""
         await self.lock(conn)
-        query = self._select().order_by(events_table.c.position).execution_options(yield_per=1000)
+        query = self._select(after=after).order_by(events_table.c.position).execution_options(yield_per=1000)
         result = await conn.stream(query)
         async for row in result:
             yield _row_to_event(row)
