@@ -277,3 +277,12 @@ async def test_postgres_late_commit_is_not_skipped_by_a_tail(pg_url: str) -> Non
 def test_encode_keeps_text_that_only_looks_like_a_nul() -> None:
     text = r"the escape \u0000 written out, tab	and newline" + "\n"
     assert '"the escape \\\\u0000 written out' in encode(chat("eve", 1, text)).payload
+
+
+async def test_stream_versions_skip_through_the_streams(backend: Backend) -> None:
+    assert await backend.store.stream_versions("user-") == {}
+    await append(backend, [chat("ann", 1, "a"), chat("ann", 2, "b"), chat("bob", 1, "c")])
+    await append(backend, [NewEvent("room-x", 1, MessagePosted(sender="ann", message="elsewhere"))])
+    await append(backend, [chat("ann", 3, "d"), chat("user_", 1, "e")])
+    assert await backend.store.stream_versions("user-") == {"user-ann": 3, "user-bob": 1, "user-user_": 1}
+    assert await backend.store.stream_versions("room-") == {"room-x": 1}
