@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"chatserver: {problem}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level, settings.node_id)
+    configure_logging(settings.log_format, settings.log_level, settings.node_name)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     try:

@@ -85,13 +85,15 @@ class ChatService:
             for stream, version in (await self.store.stream_versions(USER_PREFIX)).items()
             if version is not None
         }
-        if self.listener is None:
-            # One process per SQLite file: whatever is online is a previous run's.
-            ghosts = view.users()
-        else:
-            # Sessions logged before node leases existed belong to no lease:
-            # those of this node's name are the previous run's.
-            ghosts = [u for u in view.users() if owner_of(u.session) is None and u.node == self.settings.node_name]
+        # A SQLite log has no leases: the sessions of this node's name are its
+        # previous run's. On a shared log, only sessions logged before leases
+        # existed (they belong to no lease) are decided by name; the rest by
+        # their lease.
+        ghosts = [
+            u
+            for u in view.users()
+            if u.node == self.settings.node_name and (self.listener is None or owner_of(u.session) is None)
+        ]
         self.delivery.start(view, recent, first[0].position if first else None)
         self.writer.start()
         self.follower.start()
