@@ -350,21 +350,30 @@ class Commands:
         if waiting:
             await asyncio.wait(waiting, timeout=timeout)
 
-    async def close_lost(self, sessions: list[tuple[str, str]], reason: str, still_held: Callable[[str], Awaitable[str | None]]) -> None:
+    async def close_lost(
+        self, sessions: list[tuple[str, str]], reason: str, held_by: Callable[[str], Awaitable[str | None]]
+    ) -> None:
         """Record the leaves of sessions a dead process (or an earlier run)
-        left open. ``still_held(name)`` re-reads who holds the name after its
-        stream head was read: a login that got in between is left alone, and
-        one that comes after loses on the version."""
+        left open; ``held_by(name)`` tells which session the log says holds
+        a name."""
         for name, session_id in sessions:
-            head = await self.store.stream_head(user_stream(name))
-            if not head.online or await still_held(name) != session_id:
-                continue
-            try:
-                await self.writer.append(
-                    [domain.decide_leave(name, head.version + 1, reason, command_id=new_command_id())]
-                )
-            except ConcurrencyError:
-                continue
+            await self._close_if_still_held(name, session_id, reason, held_by)
+
+    async def _close_if_still_held(
+        self, name: str, session_id: str, reason: str, held_by: Callable[[str], Awaitable[str | None]]
+    ) -> bool:
+        """Append a leave for ``name`` if ``session_id`` still holds it.
+        ``held_by`` is asked after the stream head is read: a login that got
+        in between is left alone, and one that comes after loses on the
+        version."""
+        head = await self.store.stream_head(user_stream(name))
+        if not head.online or await held_by(name) != session_id:
+            return False
+        try:
+            await self.writer.append([domain.decide_leave(name, head.version + 1, reason, command_id=new_command_id())])
+        except ConcurrencyError:
+            return False
+        return True
 
     def fence(self) -> None:
         """Stop serving: the sessions here are closed by the process that
@@ -390,14 +399,9 @@ class Commands:
         for name, session_id in confirmed:
             if self.sessions.holder(name) is not None:
                 continue  # a login here is deciding the name's fate
-            head = await self.store.stream_head(user_stream(name))
-            online = self.delivery.online.get(name)
-            if not head.online or online is None or online.session != session_id:
-                continue
-            try:
-                await self.writer.append(
-                    [domain.decide_leave(name, head.version + 1, LEFT_SESSION_LOST, command_id=new_command_id())]
-                )
-            except ConcurrencyError:
-                continue
-            log.warning("closed the session of %s: no socket of this process held it", name)
+            if await self._close_if_still_held(name, session_id, LEFT_SESSION_LOST, self._live_view_holder):
+                log.warning("closed the session of %s: no socket of this process held it", name)
+
+    async def _live_view_holder(self, name: str) -> str | None:
+        user = self.delivery.online.get(name)
+        return user.session if user is not None else None

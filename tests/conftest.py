@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import InProcessServer, Postgres, migrated_sqlite, postgres_available, settings_for
+from chatserver.database import create_engine
+from chatserver.store import EventStore
+from tests.support import Backend, InProcessServer, Postgres, migrated_sqlite, postgres_available, settings_for
 
 _db_counter = itertools.count()
 
@@ -46,3 +48,15 @@ def pg_url(postgres: Postgres) -> str:
     url = postgres.create_database(f"chat_{next(_db_counter)}")
     migrate(url)
     return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    url = request.getfixturevalue("db_url" if request.param == "sqlite" else "pg_url")
+    read_engine = create_engine(url)
+    writer_engine = create_engine(url, writer=True)
+    try:
+        yield Backend(url, EventStore(read_engine), writer_engine)
+    finally:
+        await writer_engine.dispose()
+        await read_engine.dispose()

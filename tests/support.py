@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from chatserver.config import Settings
 from chatserver.database import create_engine
 from chatserver.events import StoredEvent
 from chatserver.store import EventStore
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -80,6 +82,15 @@ async def log_of(database_url: str) -> list[StoredEvent]:
         return await EventStore(engine).read_all()
     finally:
         await engine.dispose()
+
+
+@dataclass
+class Backend:
+    """A store and a writer engine on one database (the contract tests run on each backend)."""
+
+    url: str
+    store: EventStore
+    writer_engine: AsyncEngine
 
 
 def settings_for(database_url: str, **overrides: Any) -> Settings:

@@ -4,37 +4,16 @@ PostgreSQL 15."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatserver.database import create_engine
 from chatserver.events import MessagePosted, NewEvent, UserJoined, UserLeft, UserLoggedIn, user_stream
 from chatserver.events import to_payload
 from chatserver.store import ConcurrencyError, EventStore, UnencodableEvent, encode, events_table
 from chatserver.writer import EventWriter
-
-
-@dataclass
-class Backend:
-    url: str
-    store: EventStore
-    writer_engine: AsyncEngine
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    url = request.getfixturevalue("db_url" if request.param == "sqlite" else "pg_url")
-    read_engine = create_engine(url)
-    writer_engine = create_engine(url, writer=True)
-    try:
-        yield Backend(url, EventStore(read_engine), writer_engine)
-    finally:
-        await writer_engine.dispose()
-        await read_engine.dispose()
+from tests.support import Backend
 
 
 def chat(name: str, version: int, text: str) -> NewEvent:

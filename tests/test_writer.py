@@ -5,36 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from chatserver.database import create_engine
 from chatserver.events import MessagePosted, NewEvent, StoredEvent, UserJoined, UserLoggedIn, user_stream
-from chatserver.store import EventStore
 from chatserver.writer import Appended, ConcurrencyError, EventWriter, UnencodableEvent
-
-
-@dataclass
-class Backend:
-    url: str
-    store: EventStore
-    writer_engine: AsyncEngine
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    url = request.getfixturevalue("db_url" if request.param == "sqlite" else "pg_url")
-    read_engine = create_engine(url)
-    writer_engine = create_engine(url, writer=True)
-    try:
-        yield Backend(url, EventStore(read_engine), writer_engine)
-    finally:
-        await writer_engine.dispose()
-        await read_engine.dispose()
+from tests.support import Backend
 
 
 def chat(name: str, version: int, text: str, command_id: str | None = None) -> NewEvent:
