@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .config import Settings
 from .database import check_migrated, create_engine
 from .fanout import FanoutManager, FanoutPublisher, FanoutServer
+from .origins import OriginPolicy
 from .service import ChatService
 from .sockets import SocketHandlers, SocketIOPublisher
 from .store import EventStore
@@ -39,12 +40,19 @@ def create_sio(settings: Settings) -> socketio.AsyncServer:
     manager = (
         socketio.AsyncRedisManager(settings.redis_url) if settings.redis_url else FanoutManager()
     )
+    # The frame budget bounds what a socket may send before anything is
+    # decoded; the origin policy keeps other sites' pages out (see
+    # fanout.py and origins.py).
     return FanoutServer(
         async_mode="aiohttp",
         client_manager=manager,
         max_http_buffer_size=settings.max_packet_bytes,
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
+        frame_rate=settings.frame_rate,
+        frame_burst=settings.frame_burst_size,
+        flood_grace=settings.flood_grace_seconds,
+        cors_allowed_origins=OriginPolicy(settings.allowed_origins),
         logger=False,
         engineio_logger=False,
     )
