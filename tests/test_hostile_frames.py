@@ -426,3 +426,42 @@ async def test_polling_binary_and_unknown_packets_drop_the_socket(
         assert await poll.gone()
     assert_no_errors_logged(caplog)
 
+
+
+async def test_running_events_per_socket_are_bounded(
+    db_url: str, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # While the database is locked by someone else, chats cannot finish:
+    # the socket may have a burst of them running, and is answered
+    # rate_limited for more instead of piling up tasks.
+    import sqlite3
+
+    settings = settings_for(db_url, rate_per_second=0, frame_rate_per_second=1000, frame_burst=20)
+    async with running_server(settings) as srv:
+        raw = await RawSocket(session, srv.url).open()
+        path = db_url.split("///", 1)[1]
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            await raw.login("busy")
+            blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+            for i in range(35):
+                await raw.send(f'42{100 + i}["chat","m{i}"]')
+                await asyncio.sleep(0.005)  # within the frame budget's rate
+            refused: set[int] = set()
+            async with asyncio.timeout(5):
+                while len(refused) < 15:
+                    text = await raw.until(lambda t: t.startswith("43"))
+                    assert json.loads(text[5:])[0]["error"] == "rate_limited", text
+                    refused.add(int(text[2:5]))
+            blocker.execute("ROLLBACK")
+            stored: set[int] = set()
+            async with asyncio.timeout(15):
+                while len(stored) < 20:
+                    text = await raw.until(lambda t: t.startswith("43"))
+                    assert json.loads(text[5:])[0]["ok"], text
+                    stored.add(int(text[2:5]))
+            assert stored == set(range(100, 120)) and refused == set(range(120, 135))
+        finally:
+            blocker.close()
+            await raw.close()
+    assert_no_errors_logged(caplog)
