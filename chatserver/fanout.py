@@ -252,7 +252,8 @@ class DirectSocket(async_socket.AsyncSocket):
             self._overflow(transport)
 
     def _overflow(self, transport: asyncio.Transport) -> None:
-        log.warning(
+        client_problem(
+            "too_slow",
             "engine.io socket %s: more than %d bytes unsent, dropping it as too slow",
             self.sid,
             self._max_buffer,
