@@ -96,6 +96,13 @@ DEFAULT_FRAME_RATE = 400.0
 DEFAULT_FRAME_BURST = 800
 DEFAULT_FLOOD_GRACE = 2.0
 
+# After a socket is dropped for what it sent, new sockets from its address
+# start with this many tokens instead of a full burst, for this long: enough
+# for a client's first few packets (connect, login, history), not a flood.
+PENALIZED_START_TOKENS = 8
+PENALTY_SECONDS = 30.0
+MAX_PENALIZED = 10_000  # addresses remembered at once
+
 # The answer to an ack-requesting frame refused before it was decoded.
 _RATE_LIMITED_ACK = orjson.dumps(
     [{"ok": False, "error": "rate_limited", "message": "too many messages; slow down"}]
@@ -204,6 +211,7 @@ class DirectSocket(async_socket.AsyncSocket):
     budget: FrameBudget
     dropped: str | None
     last_notice: float
+    peer: str | None
 
     def _adopt(self, flusher: _Flusher, max_buffer: int, budget: FrameBudget) -> None:
         self.direct = False
@@ -219,6 +227,7 @@ class DirectSocket(async_socket.AsyncSocket):
         self.budget = budget
         self.dropped = None  # why the server dropped it, once it did
         self.last_notice = float("-inf")  # the last bad_payload notice
+        self.peer = None  # the client's address, for the penalty box
 
     # -- output ------------------------------------------------------------
     def write_frame(self, frame: bytes, now: bool = False) -> None:
@@ -341,6 +350,9 @@ class DirectSocket(async_socket.AsyncSocket):
             return
         self.dropped = kind
         client_problem(kind, "engine.io socket %s dropped: %s", self.sid, detail)
+        penalize = getattr(self.server, "penalize", None)
+        if penalize is not None:
+            penalize(self.peer)
         transport = self._transport
         if not self.direct or transport is None:
             return  # polling: handle_post_request closes it
@@ -513,6 +525,15 @@ class DirectSocket(async_socket.AsyncSocket):
                 return
 
 
+def _peer_address(environ: Any) -> str | None:
+    # engine.io's aiohttp driver puts 127.0.0.1 in REMOTE_ADDR whatever the
+    # peer; the request knows the real one (behind a reverse proxy: the
+    # proxy's, so its users share a penalty; see README).
+    request = environ.get("aiohttp.request") if isinstance(environ, dict) else None
+    remote = getattr(request, "remote", None)
+    return remote if isinstance(remote, str) else None
+
+
 async def _read_capped(environ: dict[str, Any], cap: int) -> bytes | None:
     """A request body of at most ``cap`` bytes, or None when it is longer
     (then no more of it than cap + 1 bytes is read)."""
@@ -556,6 +577,34 @@ class FanoutEngineServer(engineio.AsyncServer):
         self.frame_burst = frame_burst
         self.flood_grace = flood_grace
         self.flusher = _Flusher()
+        # Peer address -> until when its new sockets start without a burst.
+        self._penalized: dict[str, float] = {}
+
+    def penalize(self, peer: str | None) -> None:
+        """A socket from ``peer`` was dropped for what it sent: for a while,
+        new sockets from there get the budget's rate but not its burst. A
+        flooder that reconnects each time it is dropped would otherwise get a
+        fresh burst (hundreds of accepted chats) with every connection."""
+        if peer is None:
+            return
+        now = time.monotonic()
+        if len(self._penalized) >= MAX_PENALIZED:
+            self._penalized = {p: t for p, t in self._penalized.items() if t > now}
+            if len(self._penalized) >= MAX_PENALIZED:
+                self._penalized.pop(next(iter(self._penalized)))
+        self._penalized.pop(peer, None)  # re-inserted last: the oldest go first
+        self._penalized[peer] = now + PENALTY_SECONDS
+
+    def _new_budget(self, peer: str | None) -> FrameBudget:
+        now = time.monotonic()
+        budget = FrameBudget(self.frame_rate, self.frame_burst, self.flood_grace, now)
+        until = self._penalized.get(peer) if peer is not None else None
+        if until is not None:
+            if until > now:
+                budget.start_with(PENALIZED_START_TOKENS)
+            else:
+                del self._penalized[peer]
+        return budget
 
     def _log_error_once(self, message: str, message_key: str) -> None:
         # engine.io logs each kind of refused request (a foreign origin, an
@@ -570,8 +619,9 @@ class FanoutEngineServer(engineio.AsyncServer):
             sock = self.sockets.get(args[0])
             if sock is not None and type(sock) is async_socket.AsyncSocket:
                 sock.__class__ = DirectSocket
-                budget = FrameBudget(self.frame_rate, self.frame_burst, self.flood_grace, time.monotonic())
-                sock._adopt(self.flusher, self.max_buffer, budget)
+                peer = _peer_address(args[1]) if len(args) > 1 else None
+                sock._adopt(self.flusher, self.max_buffer, self._new_budget(peer))
+                sock.peer = peer
         return await super()._trigger_event(event, *args, **kwargs)
 
 

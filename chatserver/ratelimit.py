@@ -71,6 +71,10 @@ class FrameBudget:
         self._episode_start = now
         self._last_refusal = float("-inf")
 
+    def start_with(self, tokens: float) -> None:
+        """Start below a full burst (a peer that was just dropped)."""
+        self._tokens = min(self._tokens, float(tokens))
+
     def frame(self, now: float) -> int:
         """Count one frame at time ``now``: ACCEPT, REFUSE or DROP."""
         if self.rate <= 0:

@@ -465,3 +465,43 @@ async def test_running_events_per_socket_are_bounded(
             blocker.close()
             await raw.close()
     assert_no_errors_logged(caplog)
+
+
+async def test_after_a_drop_new_sockets_from_that_address_get_no_burst(
+    db_url: str, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A flooder that reconnects each time it is dropped must not get a fresh
+    # burst with every connection; it still gets the steady rate.
+    settings = settings_for(db_url, rate_per_second=10, rate_burst=20)  # frames: 20/s, burst 40
+
+    async def burst_of_calls(raw: RawSocket, first_id: int, n: int) -> list[Any]:
+        for i in range(n):
+            await raw.send(f'42{first_id + i}["onlineUsers"]')
+        answers = []
+        while len(answers) < n:
+            text = await raw.until(lambda t: t.startswith("43"))
+            answers.append(json.loads(text[5:])[0])
+        return answers
+
+    async with running_server(settings) as srv:
+        before = await RawSocket(session, srv.url).open()
+        await before.login("early")
+        assert all(isinstance(a, list) for a in await burst_of_calls(before, 100, 15))
+        await before.close()
+        flooder = await RawSocket(session, srv.url).open()
+        with pytest.raises((ConnectionResetError, aiohttp.ClientConnectionResetError)):
+            for _ in range(5_000):
+                await flooder.send('42["chat","spam"]')
+            raise ConnectionResetError("not dropped yet")
+        assert await flooder.closed(5)
+        after = await RawSocket(session, srv.url).open()
+        try:
+            await after.login("later")
+            answers = await burst_of_calls(after, 100, 15)
+            refused = [a for a in answers if isinstance(a, dict)]
+            assert len(refused) >= 5 and all(a["error"] == "rate_limited" for a in refused)
+            assert after.ws is not None and not after.ws.closed  # refused, not dropped
+        finally:
+            await after.close()
+            await flooder.close()
+    assert_no_errors_logged(caplog)
