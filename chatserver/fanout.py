@@ -68,7 +68,7 @@ from engineio import packet as eio_packet
 from socketio import packet as sio_packet
 
 from . import protocol
-from .ratelimit import ACCEPT, DROP, FrameBudget, LogThrottle
+from .ratelimit import ACCEPT, DROP, FrameBudget, LogThrottle, TokenBucket
 from .sockets import SocketIOPublisher
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,17 @@ DEFAULT_FLOOD_GRACE = 2.0
 PENALIZED_START_TOKENS = 8
 PENALTY_SECONDS = 30.0
 MAX_PENALIZED = 10_000  # addresses remembered at once
+# ... and it may open only this many new connections a second (burst as
+# many): each costs a handshake, a login and a leave, both stored durably.
+PENALIZED_CONNECTS_PER_SECOND = 2.0
+
+
+class _Penalty:
+    __slots__ = ("until", "connects")
+
+    def __init__(self, until: float, now: float) -> None:
+        self.until = until
+        self.connects = TokenBucket(PENALIZED_CONNECTS_PER_SECOND, int(PENALIZED_CONNECTS_PER_SECOND), now)
 
 # The answer to an ack-requesting frame refused before it was decoded.
 _RATE_LIMITED_ACK = orjson.dumps(
@@ -578,7 +589,7 @@ class FanoutEngineServer(engineio.AsyncServer):
         self.flood_grace = flood_grace
         self.flusher = _Flusher()
         # Peer address -> until when its new sockets start without a burst.
-        self._penalized: dict[str, float] = {}
+        self._penalized: dict[str, _Penalty] = {}
 
     def penalize(self, peer: str | None) -> None:
         """A socket from ``peer`` was dropped for what it sent: for a while,
@@ -589,21 +600,40 @@ class FanoutEngineServer(engineio.AsyncServer):
             return
         now = time.monotonic()
         if len(self._penalized) >= MAX_PENALIZED:
-            self._penalized = {p: t for p, t in self._penalized.items() if t > now}
+            self._penalized = {p: t for p, t in self._penalized.items() if t.until > now}
             if len(self._penalized) >= MAX_PENALIZED:
                 self._penalized.pop(next(iter(self._penalized)))
-        self._penalized.pop(peer, None)  # re-inserted last: the oldest go first
-        self._penalized[peer] = now + PENALTY_SECONDS
+        penalty = self._penalized.pop(peer, None)  # re-inserted last: the oldest go first
+        if penalty is None:
+            penalty = _Penalty(now + PENALTY_SECONDS, now)
+        else:
+            penalty.until = now + PENALTY_SECONDS
+        self._penalized[peer] = penalty
+
+    def _penalty(self, peer: str | None, now: float) -> _Penalty | None:
+        penalty = self._penalized.get(peer) if peer is not None else None
+        if penalty is not None and penalty.until <= now:
+            del self._penalized[peer]  # type: ignore[arg-type]
+            return None
+        return penalty
+
+    async def handle_request(self, *args: Any, **kwargs: Any) -> Any:
+        request = args[0] if args else None
+        if self._penalized and isinstance(request, web.Request) and "sid" not in request.query:
+            # A new connection from an address just dropped for flooding:
+            # refused before any handshake work beyond the steady rate.
+            now = time.monotonic()
+            penalty = self._penalty(request.remote, now)
+            if penalty is not None and not penalty.connects.take(now):
+                client_problem("penalized", "refused a new connection from %s (recently dropped)", request.remote)
+                return web.Response(status=429, text="too many connections; slow down")
+        return await super().handle_request(*args, **kwargs)
 
     def _new_budget(self, peer: str | None) -> FrameBudget:
         now = time.monotonic()
         budget = FrameBudget(self.frame_rate, self.frame_burst, self.flood_grace, now)
-        until = self._penalized.get(peer) if peer is not None else None
-        if until is not None:
-            if until > now:
-                budget.start_with(PENALIZED_START_TOKENS)
-            else:
-                del self._penalized[peer]
+        if self._penalty(peer, now) is not None:
+            budget.start_with(PENALIZED_START_TOKENS)
         return budget
 
     def _log_error_once(self, message: str, message_key: str) -> None:

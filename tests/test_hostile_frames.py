@@ -467,7 +467,7 @@ async def test_running_events_per_socket_are_bounded(
     assert_no_errors_logged(caplog)
 
 
-async def test_after_a_drop_new_sockets_from_that_address_get_no_burst(
+async def test_after_a_drop_new_sockets_from_that_address_get_no_burst_and_few_connects(
     db_url: str, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A flooder that reconnects each time it is dropped must not get a fresh
@@ -501,6 +501,12 @@ async def test_after_a_drop_new_sockets_from_that_address_get_no_burst(
             refused = [a for a in answers if isinstance(a, dict)]
             assert len(refused) >= 5 and all(a["error"] == "rate_limited" for a in refused)
             assert after.ws is not None and not after.ws.closed  # refused, not dropped
+            # And new connections from there are held to a couple a second.
+            statuses = []
+            for _ in range(4):
+                async with session.get(f"{srv.url}/socket.io/?EIO=4&transport=polling") as resp:
+                    statuses.append(resp.status)
+            assert 429 in statuses, statuses
         finally:
             await after.close()
             await flooder.close()
