@@ -404,7 +404,11 @@ def stop(proc: subprocess.Popen[Any], sig: int, grace: float = 15.0) -> None:
 
 
 def summarize(baseline: dict[str, Any], flood: dict[str, Any]) -> dict[str, Any]:
-    runs = flood.get("flooder", {}).get("runs", [])
+    attempts = flood.get("flooder", {}).get("runs", [])
+    # A reconnecting flooder's connections the server refused at the
+    # handshake (429 for an address it just dropped) are not sockets.
+    refused = [r for r in attempts if "handshake refused" in str(r.get("error"))]
+    runs = [r for r in attempts if r not in refused]
     drops = [r["dropped_after_s"] for r in runs if r.get("dropped_after_s") is not None]
     return {
         "baseline_p50_ms": baseline["p50_ms"],
@@ -413,6 +417,7 @@ def summarize(baseline: dict[str, Any], flood: dict[str, Any]) -> dict[str, Any]
         "flood_p99_ms": flood["p99_ms"],
         "p99_ratio": flood["p99_ms"] / baseline["p99_ms"] if baseline["p99_ms"] else float("nan"),
         "flood_sockets": len(runs),
+        "refused_connects": len(refused),
         "flood_frames": sum(r.get("frames", 0) for r in runs),
         # With --reconnect the last socket is usually cut short by the end
         # of the measurement, not dropped: it does not count against.
@@ -473,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  run {n}: baseline p50 {b['p50_ms']:7.2f} p99 {b['p99_ms']:7.2f} | flood p50 {f['p50_ms']:7.2f} "
               f"p99 {f['p99_ms']:7.2f} max {f['max_ms']:7.2f} | ratio {sm['p99_ratio']:5.2f} | "
               f"{sm['flood_sockets']} socket(s), {sm['flood_frames']:,} frames, "
-              f"dropped {sm['flooder_dropped']} after {'-' if drop is None else f'{drop:.3f} s'}"
+              + (f"{sm['refused_connects']:,} connects refused, " if sm["refused_connects"] else "")
+              + f"dropped {sm['flooder_dropped']} after {'-' if drop is None else f'{drop:.3f} s'}"
               + (f" (median {sm['median_drop_after_s']:.3f} s)" if sm["flood_sockets"] > 1 else ""))
     med = {key: statistics.median(r["summary"][key] for r in reps)
            for key in ("baseline_p50_ms", "baseline_p99_ms", "flood_p50_ms", "flood_p99_ms", "p99_ratio")}
