@@ -52,6 +52,7 @@ def create_sio(settings: Settings) -> socketio.AsyncServer:
         frame_rate=settings.frame_rate,
         frame_burst=settings.frame_burst_size,
         flood_grace=settings.flood_grace_seconds,
+        penalty_seconds=settings.flood_penalty_seconds,
         cors_allowed_origins=OriginPolicy(settings.allowed_origins),
         logger=False,
         engineio_logger=False,

@@ -83,6 +83,10 @@ class Settings:
     # A socket refused frames for longer than this (or more than a burst of
     # them within one second) is disconnected.
     flood_grace_seconds: float = 2.0
+    # After a socket is dropped for what it sent, new sockets from its address
+    # get no burst and at most two new connections a second, for this long
+    # (0: off; see README for reverse proxies).
+    flood_penalty_seconds: float = 30.0
     # Origins whose pages may connect, besides the server's own; ("*",) for
     # any. Requests without an Origin header (non-browser clients) are not
     # affected.
@@ -131,6 +135,7 @@ class Settings:
             frame_rate_per_second=_optional_float(env, "CHAT_FRAME_RATE"),
             frame_burst=_optional_int(env, "CHAT_FRAME_BURST"),
             flood_grace_seconds=_float(env, "CHAT_FLOOD_GRACE", defaults.flood_grace_seconds),
+            flood_penalty_seconds=_float(env, "CHAT_FLOOD_PENALTY", defaults.flood_penalty_seconds),
             allowed_origins=_origins(env.get("CHAT_ALLOWED_ORIGINS")),
             ping_interval=_float(env, "CHAT_PING_INTERVAL", defaults.ping_interval),
             ping_timeout=_float(env, "CHAT_PING_TIMEOUT", defaults.ping_timeout),

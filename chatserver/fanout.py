@@ -40,6 +40,10 @@ A POST body over the packet cap is refused whether or not it says its length.
 A socket's read loop yields to the event loop every few frames, so a burst of
 buffered frames cannot keep other sockets waiting, and every event handler
 task is counted, so a socket cannot have more than a burst of them running.
+After a socket is dropped for what it sent, its address is in a penalty box
+for a while (``FanoutEngineServer.penalize``): new sockets from there start
+without a burst, and new connections are held to two a second, so a flooder
+that reconnects each time gains little.
 
 This depends on engine.io's internals (``AsyncSocket``'s queue, flags and
 ``_upgrade_websocket``; the server's ``_trigger_event``): pyproject.toml pins
@@ -100,7 +104,7 @@ DEFAULT_FLOOD_GRACE = 2.0
 # start with this many tokens instead of a full burst, for this long: enough
 # for a client's first few packets (connect, login, history), not a flood.
 PENALIZED_START_TOKENS = 8
-PENALTY_SECONDS = 30.0
+DEFAULT_PENALTY_SECONDS = 30.0
 MAX_PENALIZED = 10_000  # addresses remembered at once
 # ... and it may open only this many new connections a second (burst as
 # many): each costs a handshake, a login and a leave, both stored durably.
@@ -113,6 +117,7 @@ class _Penalty:
     def __init__(self, until: float, now: float) -> None:
         self.until = until
         self.connects = TokenBucket(PENALIZED_CONNECTS_PER_SECOND, int(PENALIZED_CONNECTS_PER_SECOND), now)
+
 
 # The answer to an ack-requesting frame refused before it was decoded.
 _RATE_LIMITED_ACK = orjson.dumps(
@@ -149,7 +154,7 @@ def refused_ack(data: str) -> str | None:
         return None
     end = 2
     limit = min(len(data), 2 + _MAX_ACK_ID_DIGITS)
-    while end < limit and data[end].isdigit():
+    while end < limit and data[end] in "0123456789":
         end += 1
     if end == 2 or end >= len(data) or data[end] != "[":
         return None
@@ -537,12 +542,25 @@ class DirectSocket(async_socket.AsyncSocket):
 
 
 def _peer_address(environ: Any) -> str | None:
-    # engine.io's aiohttp driver puts 127.0.0.1 in REMOTE_ADDR whatever the
-    # peer; the request knows the real one (behind a reverse proxy: the
-    # proxy's, so its users share a penalty; see README).
     request = environ.get("aiohttp.request") if isinstance(environ, dict) else None
-    remote = getattr(request, "remote", None)
-    return remote if isinstance(remote, str) else None
+    return peer_of(request) if isinstance(request, web.Request) else None
+
+
+def peer_of(request: web.Request) -> str | None:
+    """The client's address, for the penalty box. engine.io's aiohttp
+    driver puts 127.0.0.1 in REMOTE_ADDR whatever the peer, so this asks the
+    request. A peer on loopback is taken to be a reverse proxy on this host
+    (the server listens on 127.0.0.1 by default): the last address it added
+    to X-Forwarded-For is the client's. Only local processes can reach a
+    loopback peer, so nobody else can forge that header here."""
+    remote = request.remote
+    if remote in ("127.0.0.1", "::1"):
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded:
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            if last:
+                return last
+    return remote
 
 
 async def _read_capped(environ: dict[str, Any], cap: int) -> bytes | None:
@@ -578,6 +596,7 @@ class FanoutEngineServer(engineio.AsyncServer):
         frame_rate: float = DEFAULT_FRAME_RATE,
         frame_burst: int = DEFAULT_FRAME_BURST,
         flood_grace: float = DEFAULT_FLOOD_GRACE,
+        penalty_seconds: float = DEFAULT_PENALTY_SECONDS,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -587,8 +606,9 @@ class FanoutEngineServer(engineio.AsyncServer):
         self.frame_rate = frame_rate
         self.frame_burst = frame_burst
         self.flood_grace = flood_grace
+        self.penalty_seconds = penalty_seconds
         self.flusher = _Flusher()
-        # Peer address -> until when its new sockets start without a burst.
+        # Peer address -> its penalty (until when, and its connection bucket).
         self._penalized: dict[str, _Penalty] = {}
 
     def penalize(self, peer: str | None) -> None:
@@ -596,7 +616,7 @@ class FanoutEngineServer(engineio.AsyncServer):
         new sockets from there get the budget's rate but not its burst. A
         flooder that reconnects each time it is dropped would otherwise get a
         fresh burst (hundreds of accepted chats) with every connection."""
-        if peer is None:
+        if peer is None or self.penalty_seconds <= 0:
             return
         now = time.monotonic()
         if len(self._penalized) >= MAX_PENALIZED:
@@ -605,9 +625,9 @@ class FanoutEngineServer(engineio.AsyncServer):
                 self._penalized.pop(next(iter(self._penalized)))
         penalty = self._penalized.pop(peer, None)  # re-inserted last: the oldest go first
         if penalty is None:
-            penalty = _Penalty(now + PENALTY_SECONDS, now)
+            penalty = _Penalty(now + self.penalty_seconds, now)
         else:
-            penalty.until = now + PENALTY_SECONDS
+            penalty.until = now + self.penalty_seconds
         self._penalized[peer] = penalty
 
     def _penalty(self, peer: str | None, now: float) -> _Penalty | None:
@@ -623,9 +643,10 @@ class FanoutEngineServer(engineio.AsyncServer):
             # A new connection from an address just dropped for flooding:
             # refused before any handshake work beyond the steady rate.
             now = time.monotonic()
-            penalty = self._penalty(request.remote, now)
+            peer = peer_of(request)
+            penalty = self._penalty(peer, now)
             if penalty is not None and not penalty.connects.take(now):
-                client_problem("penalized", "refused a new connection from %s (recently dropped)", request.remote)
+                client_problem("penalized", "refused a new connection from %s (recently dropped)", peer)
                 return web.Response(status=429, text="too many connections; slow down")
         return await super().handle_request(*args, **kwargs)
 
@@ -673,10 +694,15 @@ class FanoutServer(socketio.AsyncServer):
         frame_rate: float = DEFAULT_FRAME_RATE,
         frame_burst: int = DEFAULT_FRAME_BURST,
         flood_grace: float = DEFAULT_FLOOD_GRACE,
+        penalty_seconds: float = DEFAULT_PENALTY_SECONDS,
         **kwargs: Any,
     ) -> None:
         self._engine_options = dict(
-            max_buffer=max_buffer, frame_rate=frame_rate, frame_burst=frame_burst, flood_grace=flood_grace
+            max_buffer=max_buffer,
+            frame_rate=frame_rate,
+            frame_burst=frame_burst,
+            flood_grace=flood_grace,
+            penalty_seconds=penalty_seconds,
         )
         self.max_running_events = max(frame_burst, 1)
         self._running: dict[str, int] = {}

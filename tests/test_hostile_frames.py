@@ -26,15 +26,16 @@ class RawSocket:
     """engine.io and Socket.IO done by hand over aiohttp's WebSocket client,
     so a test can send what no library client would."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> None:
         self.session = session
         self.url = url
+        self.headers = headers or {}
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.texts: list[str] = []
         self.close_code: int | None = None
 
     async def open(self) -> RawSocket:
-        self.ws = await self.session.ws_connect(f"{self.url}/socket.io/?EIO=4&transport=websocket")
+        self.ws = await self.session.ws_connect(f"{self.url}/socket.io/?EIO=4&transport=websocket", headers=self.headers)
         opened = await self.next_text()
         assert opened is not None and opened.startswith("0{"), opened
         await self.ws.send_str("40")
@@ -474,26 +475,12 @@ async def test_after_a_drop_new_sockets_from_that_address_get_no_burst_and_few_c
     # burst with every connection; it still gets the steady rate.
     settings = settings_for(db_url, rate_per_second=10, rate_burst=20)  # frames: 20/s, burst 40
 
-    async def burst_of_calls(raw: RawSocket, first_id: int, n: int) -> list[Any]:
-        for i in range(n):
-            await raw.send(f'42{first_id + i}["onlineUsers"]')
-        answers = []
-        while len(answers) < n:
-            text = await raw.until(lambda t: t.startswith("43"))
-            answers.append(json.loads(text[5:])[0])
-        return answers
-
     async with running_server(settings) as srv:
         before = await RawSocket(session, srv.url).open()
         await before.login("early")
         assert all(isinstance(a, list) for a in await burst_of_calls(before, 100, 15))
         await before.close()
-        flooder = await RawSocket(session, srv.url).open()
-        with pytest.raises((ConnectionResetError, aiohttp.ClientConnectionResetError)):
-            for _ in range(5_000):
-                await flooder.send('42["chat","spam"]')
-            raise ConnectionResetError("not dropped yet")
-        assert await flooder.closed(5)
+        flooder = await flood_until_dropped(session, srv.url)
         after = await RawSocket(session, srv.url).open()
         try:
             await after.login("later")
@@ -510,4 +497,57 @@ async def test_after_a_drop_new_sockets_from_that_address_get_no_burst_and_few_c
         finally:
             await after.close()
             await flooder.close()
+    assert_no_errors_logged(caplog)
+
+
+async def burst_of_calls(raw: RawSocket, first_id: int, n: int) -> list[Any]:
+    """n onlineUsers calls at once; their answers (a list when served)."""
+    for i in range(n):
+        await raw.send(f'42{first_id + i}["onlineUsers"]')
+    answers = []
+    while len(answers) < n:
+        text = await raw.until(lambda t: t.startswith("43"))
+        answers.append(json.loads(text[5:])[0])
+    return answers
+
+
+async def flood_until_dropped(session: aiohttp.ClientSession, url: str, **headers: str) -> RawSocket:
+    flooder = RawSocket(session, url, headers)
+    await flooder.open()
+    with pytest.raises((ConnectionResetError, aiohttp.ClientConnectionResetError)):
+        for _ in range(5_000):
+            await flooder.send('42["chat","spam"]')
+        raise ConnectionResetError("not dropped yet")
+    assert await flooder.closed(5)
+    await flooder.close()
+    return flooder
+
+
+async def test_the_penalty_follows_the_forwarded_client_and_can_be_off(
+    db_url: str, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Behind a reverse proxy on this host (a loopback peer), the client is
+    # the last X-Forwarded-For address: one client's drop does not cost the
+    # others their burst.
+    settings = settings_for(db_url, rate_per_second=10, rate_burst=20)
+    async with running_server(settings) as srv:
+        await flood_until_dropped(session, srv.url, **{"X-Forwarded-For": "203.0.113.9, 10.0.0.1"})
+        other = await RawSocket(session, srv.url, {"X-Forwarded-For": "10.0.0.2"}).open()
+        same = await RawSocket(session, srv.url, {"X-Forwarded-For": "10.0.0.1"}).open()
+        try:
+            await other.login("other")
+            assert all(isinstance(a, list) for a in await burst_of_calls(other, 100, 15))
+            await same.login("same")
+            assert any(isinstance(a, dict) for a in await burst_of_calls(same, 100, 15))
+        finally:
+            await other.close()
+            await same.close()
+    async with running_server(settings_for(db_url, rate_per_second=10, rate_burst=20, flood_penalty_seconds=0)) as srv:
+        await flood_until_dropped(session, srv.url)
+        again = await RawSocket(session, srv.url).open()
+        try:
+            await again.login("again")
+            assert all(isinstance(a, list) for a in await burst_of_calls(again, 100, 15))
+        finally:
+            await again.close()
     assert_no_errors_logged(caplog)
