@@ -339,7 +339,9 @@ class Bench:
                 if flood:
                     flooder = await asyncio.to_thread(self.flooder, port, flood_for)
                 go = False
+                go_at: float | None = None
                 rtts: list[float] = []
+                slowest: list[tuple[float, float]] = []  # (sent at, s from the start; ms)
                 failures: list[str] = []
                 interval = 1.0 / self.args.rate
                 count = int(self.args.duration * self.args.rate)
@@ -353,6 +355,7 @@ class Bench:
                         return
                     if isinstance(answer, dict) and answer.get("ok"):
                         rtts.append((time.perf_counter() - sent) * 1000)
+                        slowest.append((sent - start, rtts[-1]))
                     else:
                         failures.append(repr(answer))
 
@@ -361,6 +364,7 @@ class Bench:
                 for i in range(count):
                     if flooder is not None and not go and time.perf_counter() - start >= 1.0:
                         go = True
+                        go_at = time.perf_counter() - start
                         assert flooder.stdin is not None
                         flooder.stdin.write("go\n")
                         flooder.stdin.flush()
@@ -374,6 +378,10 @@ class Bench:
                     p50_ms=percentile(rtts, 50),
                     p99_ms=percentile(rtts, 99),
                     max_ms=max(rtts) if rtts else float("nan"),
+                    # When the worst round trips were sent, against when the
+                    # flood began: do they coincide with it, or with noise?
+                    flood_began_s=go_at,
+                    slowest=[(round(t, 3), round(ms, 1)) for t, ms in sorted(slowest, key=lambda x: -x[1])[:5]],
                 )
                 if flooder is not None:
                     out, _ = await asyncio.to_thread(flooder.communicate, timeout=flood_for + 30)

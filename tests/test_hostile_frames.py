@@ -305,7 +305,7 @@ async def test_bad_payload_notice_at_most_once_a_second_and_acks_answered(
         await raw.until(lambda t: t.startswith("43600"))
         acks = [json.loads(t[5:])[0] for t in raw.texts if t.startswith("435")]
         assert len(acks) == 10 and all(a["error"] == "bad_payload" for a in acks)
-        assert len(raw.events("protocolError")) == 1
+        assert 1 <= len(raw.events("protocolError")) <= 2  # at most one a second
         caplog.set_level(logging.WARNING)
     finally:
         await raw.close()
