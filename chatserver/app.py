@@ -21,6 +21,7 @@ from .events import StoredEvent
 from .fanout import FanoutManager, FanoutPublisher, FanoutServer
 from .health import MigrationsUnreadable, Readiness, head_revision, setup_health
 from .metrics import STATS, AppCollector, DispatchLag, parse_setting, setup_metrics
+from .origins import OriginPolicy
 from .service import ChatService
 from .sockets import SocketHandlers
 from .store import EventStore
@@ -43,12 +44,20 @@ def create_sio(settings: Settings) -> socketio.AsyncServer:
     # written to every recipient without a task each (see fanout.py).
     # Every process delivers to its own sockets from the shared log: no
     # broadcast crosses processes, so no Redis manager (see delivery.py).
+    # The frame budget bounds what a socket may send before anything is
+    # decoded; the origin policy keeps other sites' pages out (see
+    # fanout.py and origins.py).
     return FanoutServer(
         async_mode="aiohttp",
         client_manager=FanoutManager(),
         max_http_buffer_size=settings.max_packet_bytes,
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
+        frame_rate=settings.frame_rate,
+        frame_burst=settings.frame_burst_size,
+        flood_grace=settings.flood_grace_seconds,
+        penalty_seconds=settings.flood_penalty_seconds,
+        cors_allowed_origins=OriginPolicy(settings.allowed_origins),
         logger=False,
         engineio_logger=False,
     )

@@ -36,6 +36,28 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
         raise SystemExit(f"{key} must be a number, got {raw!r}") from None
 
 
+def _optional_int(env: Mapping[str, str], key: str) -> int | None:
+    return _int(env, key, 0) if env.get(key) else None
+
+
+def _optional_float(env: Mapping[str, str], key: str) -> float | None:
+    return _float(env, key, 0.0) if env.get(key) else None
+
+
+def _origins(raw: str | None) -> tuple[str, ...]:
+    """``CHAT_ALLOWED_ORIGINS``: comma-separated origins (``scheme://host[:port]``,
+    as a browser sends them, so no path and no trailing slash), or ``*``."""
+    if not raw:
+        return ()
+    origins = tuple(o.strip() for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and ("://" not in origin or origin.endswith("/") or origin.count("/") > 2):
+            raise SystemExit(
+                f"CHAT_ALLOWED_ORIGINS: {origin!r} is not an origin like https://chat.example.com"
+            )
+    return origins
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -54,6 +76,22 @@ class Settings:
     max_packet_bytes: int = 64 * 1024
     rate_per_second: float = 200.0
     rate_burst: int = 400
+    # Every frame a socket sends (WebSocket message or polling packet, valid or
+    # not) is counted before it is decoded. None: twice the event rate and
+    # burst, so a client the event limit merely slows is never refused here.
+    frame_rate_per_second: float | None = None
+    frame_burst: int | None = None
+    # A socket refused frames for longer than this (or more than a burst of
+    # them within one second) is disconnected.
+    flood_grace_seconds: float = 2.0
+    # After a socket is dropped for what it sent, new sockets from its address
+    # get no burst and at most two new connections a second, for this long
+    # (0: off; see README for reverse proxies).
+    flood_penalty_seconds: float = 30.0
+    # Origins whose pages may connect, besides the server's own; ("*",) for
+    # any. Requests without an Origin header (non-browser clients) are not
+    # affected.
+    allowed_origins: tuple[str, ...] = ()
     # engine.io heartbeat, seconds.
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
@@ -81,6 +119,18 @@ class Settings:
     def node_name(self) -> str:
         return self.node_id or "local"
 
+    @property
+    def frame_rate(self) -> float:
+        if self.frame_rate_per_second is not None:
+            return self.frame_rate_per_second
+        return 2 * self.rate_per_second
+
+    @property
+    def frame_burst_size(self) -> int:
+        if self.frame_burst is not None:
+            return self.frame_burst
+        return 2 * self.rate_burst
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
@@ -99,6 +149,11 @@ class Settings:
             max_packet_bytes=_int(env, "CHAT_MAX_PACKET_BYTES", defaults.max_packet_bytes),
             rate_per_second=_float(env, "CHAT_RATE_PER_SECOND", defaults.rate_per_second),
             rate_burst=_int(env, "CHAT_RATE_BURST", defaults.rate_burst),
+            frame_rate_per_second=_optional_float(env, "CHAT_FRAME_RATE"),
+            frame_burst=_optional_int(env, "CHAT_FRAME_BURST"),
+            flood_grace_seconds=_float(env, "CHAT_FLOOD_GRACE", defaults.flood_grace_seconds),
+            flood_penalty_seconds=_float(env, "CHAT_FLOOD_PENALTY", defaults.flood_penalty_seconds),
+            allowed_origins=_origins(env.get("CHAT_ALLOWED_ORIGINS")),
             ping_interval=_float(env, "CHAT_PING_INTERVAL", defaults.ping_interval),
             ping_timeout=_float(env, "CHAT_PING_TIMEOUT", defaults.ping_timeout),
             history_size=_int(env, "CHAT_HISTORY_SIZE", defaults.history_size),

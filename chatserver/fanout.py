@@ -26,6 +26,25 @@ one ``send`` syscall per packet. Here:
   and a ``wait_for`` per message (dead clients are found by engine.io's
   ping timeout, which closes the socket).
 
+What a client sends is bounded before anything decodes it (see
+``DirectSocket.admit``): every WebSocket frame (data or control) and every
+packet of a polling POST counts against the socket's ``FrameBudget``; a frame
+over budget is dropped undecoded (an ack it asked for answers
+``rate_limited``), and a socket that keeps it up is disconnected. Binary
+frames, engine.io binary packets, Socket.IO binary events and acks (whose
+attachments python-socketio would buffer) and unknown packet types drop the
+socket at once. Packets that do not decode (malformed or too deeply nested
+JSON, an event that is not ``[name, ...]``) are refused with ``protocolError``
+``bad_payload`` and count as refusals (``FanoutServer._handle_eio_message``).
+A POST body over the packet cap is refused whether or not it says its length.
+A socket's read loop yields to the event loop every few frames, so a burst of
+buffered frames cannot keep other sockets waiting, and every event handler
+task is counted, so a socket cannot have more than a burst of them running.
+After a socket is dropped for what it sent, its address is in a penalty box
+for a while (``FanoutEngineServer.penalize``): new sockets from there start
+without a burst, and new connections are held to two a second, so a flooder
+that reconnects each time gains little.
+
 This depends on engine.io's internals (``AsyncSocket``'s queue, flags and
 ``_upgrade_websocket``; the server's ``_trigger_event``): pyproject.toml pins
 python-engineio and python-socketio to exact versions, and
@@ -38,7 +57,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Iterable
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from typing import Any
 
 import engineio
@@ -47,10 +69,12 @@ import socketio
 from aiohttp import WSMsgType, web
 from engineio import async_socket, exceptions as eio_exceptions
 from engineio import packet as eio_packet
+from socketio import packet as sio_packet
 
 from . import protocol
 from .logs import client_problem
 from .metrics import STATS
+from .ratelimit import ACCEPT, DROP, FrameBudget, TokenBucket
 from .sockets import SocketIOPublisher
 
 log = logging.getLogger(__name__)
@@ -65,6 +89,64 @@ MAX_POLL_PACKETS = 16
 
 _OP_TEXT = 0x1
 _OP_BINARY = 0x2
+_OP_CLOSE = 0x8
+_OP_PONG = 0xA
+_CLOSE_POLICY = 1008  # RFC 6455: the message violates the server's policy
+
+# A socket's read loop gives the event loop a turn after this many frames:
+# aiohttp's receive() returns without suspending while frames are buffered.
+YIELD_EVERY = 32
+
+# Defaults of the frame budget when none is given (see Settings).
+DEFAULT_FRAME_RATE = 400.0
+DEFAULT_FRAME_BURST = 800
+DEFAULT_FLOOD_GRACE = 2.0
+
+# After a socket is dropped for what it sent, new sockets from its address
+# start with this many tokens instead of a full burst, for this long: enough
+# for a client's first few packets (connect, login, history), not a flood.
+PENALIZED_START_TOKENS = 8
+DEFAULT_PENALTY_SECONDS = 30.0
+MAX_PENALIZED = 10_000  # addresses remembered at once
+# ... and it may open only this many new connections a second (burst as
+# many): each costs a handshake, a login and a leave, both stored durably.
+PENALIZED_CONNECTS_PER_SECOND = 2.0
+
+
+class _Penalty:
+    __slots__ = ("until", "connects")
+
+    def __init__(self, until: float, now: float) -> None:
+        self.until = until
+        self.connects = TokenBucket(PENALIZED_CONNECTS_PER_SECOND, int(PENALIZED_CONNECTS_PER_SECOND), now)
+
+
+# The answer to an ack-requesting frame refused before it was decoded.
+_RATE_LIMITED_ACK = orjson.dumps(
+    [{"ok": False, "error": "rate_limited", "message": "too many messages; slow down"}]
+).decode()
+_MAX_ACK_ID_DIGITS = 20
+
+# Socket.IO packet types a client may send (CONNECT, DISCONNECT, EVENT, ACK);
+# the rest (CONNECT_ERROR, BINARY_EVENT, BINARY_ACK, anything else) drop it.
+_SIO_CLIENT_TYPES = frozenset("0123")
+# Event names python-socketio keeps for itself: a client emitting them would
+# run the server's own connect/disconnect handlers.
+_RESERVED_EVENTS = frozenset(("connect", "disconnect", "connect_error"))
+
+def refused_ack(data: str) -> str | None:
+    """The Socket.IO ACK packet answering ``rate_limited`` to a refused event
+    that asked for an ack ('42<id>[...]', default namespace), found without
+    decoding the event; None when it asked for none."""
+    if data[:2] != "42":
+        return None
+    end = 2
+    limit = min(len(data), 2 + _MAX_ACK_ID_DIGITS)
+    while end < limit and data[end] in "0123456789":
+        end += 1
+    if end == 2 or end >= len(data) or data[end] != "[":
+        return None
+    return "3" + data[2:end] + _RATE_LIMITED_ACK
 
 
 def ws_frame(payload: bytes, opcode: int = _OP_TEXT) -> bytes:
@@ -130,8 +212,12 @@ class DirectSocket(async_socket.AsyncSocket):
     _max_buffer: int
     _closer: asyncio.Task[None] | None
     _held: list[eio_packet.Packet]
+    budget: FrameBudget
+    dropped: str | None
+    last_notice: float
+    peer: str | None
 
-    def _adopt(self, flusher: _Flusher, max_buffer: int) -> None:
+    def _adopt(self, flusher: _Flusher, max_buffer: int, budget: FrameBudget) -> None:
         self.direct = False
         self._out = []
         self._dirty = False
@@ -142,6 +228,10 @@ class DirectSocket(async_socket.AsyncSocket):
         self._max_buffer = max_buffer
         self._closer = None
         self._held = []
+        self.budget = budget
+        self.dropped = None  # why the server dropped it, once it did
+        self.last_notice = float("-inf")  # the last bad_payload notice
+        self.peer = None  # the client's address, for the penalty box
 
     # -- output ------------------------------------------------------------
     def write_frame(self, frame: bytes, now: bool = False) -> None:
@@ -247,13 +337,112 @@ class DirectSocket(async_socket.AsyncSocket):
             packets, self._held = packets[:MAX_POLL_PACKETS], packets[MAX_POLL_PACKETS:]
         return packets
 
+    # -- what the client sends ---------------------------------------------
+    def admit(self, data: str) -> tuple[bool, str | None]:
+        """Count one incoming frame against the budget, before decoding it:
+        (handle it?, an ack to send for it when refused)."""
+        verdict = self.budget.frame(time.monotonic())
+        if verdict == ACCEPT:
+            return True, None
+        if verdict == DROP:
+            self.drop(
+                "flood",
+                f"over its frame budget ({self.budget.rate:g}/s, burst {self.budget.burst:g}); "
+                f"{self.budget.refused} frames refused",
+            )
+            return False, None
+        return False, refused_ack(data)
+
+    def drop(self, kind: str, detail: str) -> None:
+        """Disconnect a client that broke the rules. On WebSocket the
+        connection is closed at once (no more of its frames are read; a
+        close frame says why when it fits); the socket then closes as if the
+        client had gone, and its user leaves through the usual path."""
+        if self.dropped is not None:
+            return
+        self.dropped = kind
+        STATS.drop(kind)
+        client_problem(kind, "engine.io socket %s dropped: %s", self.sid, detail, sid=self.sid)
+        penalize = getattr(self.server, "penalize", None)
+        if penalize is not None:
+            penalize(self.peer)
+        transport = self._transport
+        if not self.direct or transport is None:
+            return  # polling: handle_post_request closes it
+        self._flush()
+        self._dead = True
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() == 0:
+            reason = struct.pack("!H", _CLOSE_POLICY) + kind.encode()
+            transport.write(ws_frame(reason, _OP_CLOSE))
+            transport.close()  # flushes the close frame; reads nothing more
+        else:
+            transport.abort()
+
+    async def _dispatch(self, on_message: Callable[[str, str], Awaitable[Any]] | None, data: str) -> None:
+        """Handle one admitted engine.io packet; only the types a client may
+        send get further than their first character."""
+        head = data[:1]
+        if head == "4":
+            if on_message is not None:
+                await on_message(self.sid, data[1:])
+        elif head == "3":
+            await self.receive(eio_packet.Packet(eio_packet.PONG))
+        elif head == "1":
+            await self.receive(eio_packet.Packet(eio_packet.CLOSE))
+        elif head in ("2", "5", "6"):
+            pass  # ping, upgrade, noop: nothing for a server to do
+        elif head == "b":
+            self.drop("binary", "an engine.io binary packet")
+        else:
+            self.drop("unknown_packet", f"an engine.io packet of type {head[:1]!r}")
+
+    # -- long polling input --------------------------------------------------
+    async def handle_post_request(self, environ: dict[str, Any]) -> None:
+        """engine.io's, with the size cap applied to every body (also one
+        sent without a Content-Length) and each packet counted."""
+        cap = self.server.max_http_buffer_size
+        body = await _read_capped(environ, cap)
+        if body is None:
+            self.drop("too_large", f"a POST body over {cap} bytes")
+        else:
+            try:
+                text = body.decode()
+            except UnicodeDecodeError:
+                self.drop("bad_frame", "a POST body that is not UTF-8")
+            else:
+                await self._receive_payload(text)
+        if self.dropped is not None:
+            await self.close(wait=False, reason=self.server.reason.SERVER_DISCONNECT)
+            raise eio_exceptions.EngineIOError(self.dropped)
+
+    async def _receive_payload(self, text: str) -> None:
+        if not text:
+            return
+        if text.startswith("d="):  # a JSONP form post
+            text = urllib.parse.parse_qs(text).get("d", [""])[0]
+        on_message = self.server.handlers.get("message")
+        for data in text.split("\x1e"):
+            handle, ack = self.admit(data)
+            if handle:
+                await self._dispatch(on_message, data)
+            elif ack is not None:
+                await self.send(eio_packet.Packet(eio_packet.MESSAGE, ack))
+            if self.dropped is not None or self.closed:
+                return
+
     # -- the WebSocket transport ------------------------------------------
     async def _upgrade_websocket(self, environ: dict[str, Any]) -> Any:
         if self.upgraded:
             raise OSError("Socket has been upgraded already")
         request: web.Request = environ["aiohttp.request"]
         # compress=False: no permessage-deflate, whatever the client offers.
-        ws = web.WebSocketResponse(max_msg_size=self.server.max_http_buffer_size, compress=False)
+        # autoping=False: a WebSocket ping is a frame like any other, counted
+        # by the read loop (aiohttp would answer every one unseen).
+        ws = web.WebSocketResponse(
+            max_msg_size=self.server.max_http_buffer_size, compress=False, autoping=False
+        )
         await ws.prepare(request)
         transport = request.transport
         if transport is None:  # pragma: no cover - the client left mid-handshake
@@ -294,42 +483,182 @@ class DirectSocket(async_socket.AsyncSocket):
         finally:
             self._flush()
             self._dead = True
-            if not ws.closed:
+            if not ws.closed and self.dropped is None:
                 await ws.close()
-            await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+            reason = self.server.reason
+            await self.close(
+                wait=False,
+                abort=True,
+                reason=reason.TRANSPORT_CLOSE if self.dropped is None else reason.SERVER_DISCONNECT,
+            )
 
     async def _read_loop(self, ws: web.WebSocketResponse) -> None:
         on_message = self.server.handlers.get("message")
+        unyielded = 0
         while True:
             msg = await ws.receive()
-            if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
-                return  # CLOSE, CLOSING, CLOSED, ERROR
-            data = msg.data
-            if self.closed:
+            kind = msg.type
+            if self.closed or self.dropped is not None:
                 return
+            unyielded += 1
+            if unyielded >= YIELD_EVERY:
+                # Whether or not receive() suspended, others get a turn.
+                unyielded = 0
+                await asyncio.sleep(0)
+                if self.closed or self.dropped is not None:
+                    return
+            if kind is WSMsgType.TEXT:
+                data: str = msg.data
+            elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
+                if self.admit("")[0] and kind is WSMsgType.PING:
+                    self.write_frame(ws_frame(msg.data, _OP_PONG))
+                continue
+            elif kind is WSMsgType.BINARY:
+                self.drop("binary", "a binary WebSocket frame")
+                return
+            else:
+                if kind is WSMsgType.ERROR:
+                    client_problem("bad_frame", "engine.io socket %s: %s", self.sid, ws.exception())
+                return  # CLOSE, CLOSING, CLOSED, ERROR
+            handle, ack = self.admit(data)
+            if not handle:
+                if ack is not None:
+                    self.write_frame(ws_frame(("4" + ack).encode()))
+                if self.dropped is not None:
+                    return
+                continue
             try:
-                if on_message is not None and isinstance(data, str) and data[:1] == "4":
-                    # The common case, a message: straight to Socket.IO.
-                    await on_message(self.sid, data[1:])
-                else:
-                    await self.receive(eio_packet.Packet(encoded_packet=data))
-            except eio_exceptions.UnknownPacketError:
-                pass
+                await self._dispatch(on_message, data)
             except eio_exceptions.SocketIsClosedError:
                 return
             except Exception:
+                # Client mistakes are refused without raising; this is ours.
                 log.exception("engine.io socket %s: error handling a message", self.sid)
+            if self.dropped is not None:
+                return
+
+
+def _peer_address(environ: Any) -> str | None:
+    request = environ.get("aiohttp.request") if isinstance(environ, dict) else None
+    return peer_of(request) if isinstance(request, web.Request) else None
+
+
+def peer_of(request: web.Request) -> str | None:
+    """The client's address, for the penalty box. engine.io's aiohttp
+    driver puts 127.0.0.1 in REMOTE_ADDR whatever the peer, so this asks the
+    request. A peer on loopback is taken to be a reverse proxy on this host
+    (the server listens on 127.0.0.1 by default): the last address it added
+    to X-Forwarded-For is the client's. Only local processes can reach a
+    loopback peer, so nobody else can forge that header here."""
+    remote = request.remote
+    if remote in ("127.0.0.1", "::1"):
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded:
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            if last:
+                return last
+    return remote
+
+
+async def _read_capped(environ: dict[str, Any], cap: int) -> bytes | None:
+    """A request body of at most ``cap`` bytes, or None when it is longer
+    (then no more of it than cap + 1 bytes is read)."""
+    declared = environ.get("CONTENT_LENGTH")
+    if declared:
+        try:
+            if int(declared) > cap:
+                return None
+        except ValueError:
+            return None
+    stream = environ["wsgi.input"]
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await stream.read(cap + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
 
 
 class FanoutEngineServer(engineio.AsyncServer):
     """engine.io server whose sockets are ``DirectSocket``s."""
 
-    def __init__(self, *args: Any, max_buffer: int = DEFAULT_MAX_BUFFER, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        frame_rate: float = DEFAULT_FRAME_RATE,
+        frame_burst: int = DEFAULT_FRAME_BURST,
+        flood_grace: float = DEFAULT_FLOOD_GRACE,
+        penalty_seconds: float = DEFAULT_PENALTY_SECONDS,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if self.async_mode != "aiohttp":
             raise ValueError("the fan-out engine needs async_mode='aiohttp'")
         self.max_buffer = max_buffer
+        self.frame_rate = frame_rate
+        self.frame_burst = frame_burst
+        self.flood_grace = flood_grace
+        self.penalty_seconds = penalty_seconds
         self.flusher = _Flusher()
+        # Peer address -> its penalty (until when, and its connection bucket).
+        self._penalized: dict[str, _Penalty] = {}
+
+    def penalize(self, peer: str | None) -> None:
+        """A socket from ``peer`` was dropped for what it sent: for a while,
+        new sockets from there get the budget's rate but not its burst. A
+        flooder that reconnects each time it is dropped would otherwise get a
+        fresh burst (hundreds of accepted chats) with every connection."""
+        if peer is None or self.penalty_seconds <= 0:
+            return
+        now = time.monotonic()
+        if len(self._penalized) >= MAX_PENALIZED:
+            self._penalized = {p: t for p, t in self._penalized.items() if t.until > now}
+            if len(self._penalized) >= MAX_PENALIZED:
+                self._penalized.pop(next(iter(self._penalized)))
+        penalty = self._penalized.pop(peer, None)  # re-inserted last: the oldest go first
+        if penalty is None:
+            penalty = _Penalty(now + self.penalty_seconds, now)
+        else:
+            penalty.until = now + self.penalty_seconds
+        self._penalized[peer] = penalty
+
+    def _penalty(self, peer: str | None, now: float) -> _Penalty | None:
+        penalty = self._penalized.get(peer) if peer is not None else None
+        if penalty is not None and penalty.until <= now:
+            del self._penalized[peer]  # type: ignore[arg-type]
+            return None
+        return penalty
+
+    async def handle_request(self, *args: Any, **kwargs: Any) -> Any:
+        request = args[0] if args else None
+        if self._penalized and isinstance(request, web.Request) and "sid" not in request.query:
+            # A new connection from an address just dropped for flooding:
+            # refused before any handshake work beyond the steady rate.
+            now = time.monotonic()
+            peer = peer_of(request)
+            penalty = self._penalty(peer, now)
+            if penalty is not None and not penalty.connects.take(now):
+                client_problem("penalized", "refused a new connection from %s (recently dropped)", peer)
+                return web.Response(status=429, text="too many connections; slow down")
+        return await super().handle_request(*args, **kwargs)
+
+    def _new_budget(self, peer: str | None) -> FrameBudget:
+        now = time.monotonic()
+        budget = FrameBudget(self.frame_rate, self.frame_burst, self.flood_grace, now)
+        if self._penalty(peer, now) is not None:
+            budget.start_with(PENALIZED_START_TOKENS)
+        return budget
+
+    def _log_error_once(self, message: str, message_key: str) -> None:
+        # engine.io logs each kind of refused request (a foreign origin, an
+        # unknown session, a bad transport) as an ERROR once, then at INFO:
+        # these are the client's mistakes, worth a warning a second at most.
+        client_problem(f"engineio-{message_key}", "engine.io refused a request: %s", message)
 
     async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
         if event == "connect":
@@ -338,25 +667,163 @@ class FanoutEngineServer(engineio.AsyncServer):
             sock = self.sockets.get(args[0])
             if sock is not None and type(sock) is async_socket.AsyncSocket:
                 sock.__class__ = DirectSocket
-                sock._adopt(self.flusher, self.max_buffer)
+                peer = _peer_address(args[1]) if len(args) > 1 else None
+                sock._adopt(self.flusher, self.max_buffer, self._new_budget(peer))
+                sock.peer = peer
         return await super()._trigger_event(event, *args, **kwargs)
 
 
 class FanoutServer(socketio.AsyncServer):
-    """python-socketio server on ``FanoutEngineServer`` (aiohttp only)."""
+    """python-socketio server on ``FanoutEngineServer`` (aiohttp only).
 
-    def __init__(self, *args: Any, max_buffer: int = DEFAULT_MAX_BUFFER, **kwargs: Any) -> None:
-        self._max_buffer = max_buffer
+    Incoming packets are checked before python-socketio sees them (see
+    ``_handle_eio_message``), and each socket may have at most
+    ``frame_burst`` event handlers running at once: python-socketio runs
+    every event in a task of its own (``async_handlers``, kept so that one
+    slow command, such as a chat waiting for its commit, does not hold up
+    the socket's next one), and without a bound a client could pile up
+    tasks faster than a stalled database finishes them."""
+
+    def __init__(
+        self,
+        *args: Any,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        frame_rate: float = DEFAULT_FRAME_RATE,
+        frame_burst: int = DEFAULT_FRAME_BURST,
+        flood_grace: float = DEFAULT_FLOOD_GRACE,
+        penalty_seconds: float = DEFAULT_PENALTY_SECONDS,
+        **kwargs: Any,
+    ) -> None:
+        self._engine_options = dict(
+            max_buffer=max_buffer,
+            frame_rate=frame_rate,
+            frame_burst=frame_burst,
+            flood_grace=flood_grace,
+            penalty_seconds=penalty_seconds,
+        )
+        self.max_running_events = max(frame_burst, 1)
+        self._running: dict[str, int] = {}
+        self._event_tasks: set[asyncio.Task[Any]] = set()
         super().__init__(*args, **kwargs)
 
     def _engineio_server_class(self) -> Any:
-        max_buffer = self._max_buffer
+        options = self._engine_options
 
         class _Engine(FanoutEngineServer):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, max_buffer=max_buffer, **kwargs)
+                super().__init__(*args, **options, **kwargs)
 
         return _Engine
+
+    def _direct_socket(self, eio_sid: str) -> DirectSocket | None:
+        sock = self.eio.sockets.get(eio_sid)
+        return sock if type(sock) is DirectSocket else None
+
+    def _drop(self, eio_sid: str, kind: str, detail: str) -> None:
+        sock = self._direct_socket(eio_sid)
+        if sock is not None:
+            sock.drop(kind, detail)
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        """python-socketio's dispatch, refusing what this server never uses
+        before it is decoded or buffered, and a packet that does not decode
+        without an exception escaping (a traceback per bad frame was a way
+        to fill the log)."""
+        if not isinstance(data, str):
+            self._drop(eio_sid, "binary", "a binary Socket.IO packet")
+            return
+        head = data[:1]
+        if head not in _SIO_CLIENT_TYPES:
+            kind = "binary" if head in ("5", "6") else "unknown_packet"
+            self._drop(eio_sid, kind, f"a Socket.IO packet of type {head!r}")
+            return
+        try:
+            pkt = self.packet_class(encoded_packet=data)
+        except (ValueError, RecursionError):
+            # Malformed or too deeply nested JSON, a bad id or namespace.
+            await self._bad_payload(eio_sid, None, "the packet is not valid Socket.IO JSON")
+            return
+        if pkt.attachment_count:
+            self._drop(eio_sid, "binary", "a Socket.IO packet announcing binary attachments")
+            return
+        kind = pkt.packet_type
+        if kind == sio_packet.EVENT:
+            args = pkt.data
+            if not (isinstance(args, list) and args and isinstance(args[0], str)) or args[0] in _RESERVED_EVENTS:
+                await self._bad_payload(eio_sid, pkt, "an event is [name, ...args] with a name of our protocol")
+                return
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, args)
+        elif kind == sio_packet.ACK:
+            if not isinstance(pkt.data, list):
+                await self._bad_payload(eio_sid, None, "an ack carries a list of arguments")
+                return
+            await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        elif kind == sio_packet.CONNECT:
+            await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
+        else:
+            await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+
+    async def _bad_payload(self, eio_sid: str, pkt: Any, message: str) -> None:
+        """Refuse a packet that did not decode into something we handle: it
+        counts as a refused frame, the client is told (at most once a second)
+        and an ack it asked for says so."""
+        client_problem("bad_payload", "engine.io socket %s: bad packet: %s", eio_sid, message)
+        now = time.monotonic()
+        sock = self._direct_socket(eio_sid)
+        namespace = (pkt.namespace if pkt is not None else None) or "/"
+        if pkt is not None and pkt.id is not None:
+            error = {"ok": False, "error": "bad_payload", "message": message}
+            await self._send_packet(eio_sid, self.packet_class(sio_packet.ACK, namespace=namespace, id=pkt.id, data=[error]))
+        if sock is not None:
+            if sock.budget.refusal(now) == DROP:
+                sock.drop("flood", f"kept sending bad packets ({sock.budget.refused} refused)")
+                return
+            if now - sock.last_notice < 1.0:
+                return
+            sock.last_notice = now
+        if self.manager.sid_from_eio_sid(eio_sid, namespace) is None:
+            return  # not connected to the namespace: nobody to tell
+        notice = {"event": None, "code": "bad_payload", "message": message}
+        await self._send_packet(
+            eio_sid, self.packet_class(sio_packet.EVENT, namespace=namespace, data=[protocol.PROTOCOL_ERROR, notice])
+        )
+
+    async def _handle_event(self, eio_sid: str, namespace: str | None, id: int | None, data: list[Any]) -> None:
+        namespace = namespace or "/"
+        sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+        if not self.manager.is_connected(sid, namespace):
+            return
+        if not self.async_handlers:
+            await self._handle_event_internal(self, sid, eio_sid, data, namespace, id)
+            return
+        running = self._running.get(eio_sid, 0)
+        if running >= self.max_running_events:
+            # The handlers have not kept up (a stalled database, say): refuse
+            # rather than queue without bound.
+            client_problem("busy", "engine.io socket %s: %d events still running, refusing more", eio_sid, running)
+            sock = self._direct_socket(eio_sid)
+            if sock is not None and sock.budget.refusal(time.monotonic()) == DROP:
+                sock.drop("flood", f"{running} events still running and more coming")
+                return
+            if id is not None:
+                ack = orjson.loads(_RATE_LIMITED_ACK)
+                await self._send_packet(eio_sid, self.packet_class(sio_packet.ACK, namespace=namespace, id=id, data=ack))
+            return
+        self._running[eio_sid] = running + 1
+        task = asyncio.ensure_future(self._handle_event_internal(self, sid, eio_sid, data, namespace, id))
+        self._event_tasks.add(task)
+        task.add_done_callback(partial(self._event_done, eio_sid))
+
+    def _event_done(self, eio_sid: str, task: asyncio.Task[Any]) -> None:
+        self._event_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Handlers answer every client mistake; this is a bug of ours.
+            log.error("engine.io socket %s: an event handler failed", eio_sid, exc_info=exc)
+        left = self._running.get(eio_sid, 0) - 1
+        if left > 0:
+            self._running[eio_sid] = left
+        else:
+            self._running.pop(eio_sid, None)
 
 
 class FanoutManager(socketio.AsyncManager):
