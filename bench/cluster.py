@@ -180,6 +180,16 @@ class Postgres:
         self._run(str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
                   "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-c", statement, timeout=60)
 
+    def query(self, db: str, statement: str) -> list[str]:
+        prefix = ["runuser", "-u", "postgres", "--"] if self.as_postgres else []
+        done = subprocess.run(
+            [*prefix, str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", db,
+             "-At", "-F", " ", "-c", statement], capture_output=True, text=True, timeout=60,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"psql failed: {done.stderr[-300:]}")
+        return done.stdout.split()
+
     def stop(self) -> None:
         if self.started:
             with contextlib.suppress(Exception):
@@ -272,7 +282,7 @@ class Bench:
 
     # -- the servers of one run ------------------------------------------------------
     @contextlib.contextmanager
-    def ours(self, count: int) -> Iterator[tuple[list[int], list[int], list[int], list[Path]]]:
+    def ours(self, count: int) -> Iterator[tuple[list[int], list[int], list[int], list[Path], dict[str, Any]]]:
         assert self.pg is not None
         db = f"run{self.run_no}"
         self.pg.sql(f"CREATE DATABASE {db} TEMPLATE chat_template")
@@ -288,19 +298,36 @@ class Bench:
                     env[key] = value
                 logfile = self.scratch / f"run{self.run_no}-ours-{i}.log"
                 logs.append(logfile)
-                procs.append(self.spawn([self.python(), "-m", "chatserver"], env, logfile, REPO))
+                cmd = [self.python(), "-m", "chatserver"]
+                if self.args.profile:
+                    # The sampling profiler prints its report into the server's log at exit.
+                    folded = self.scratch / f"run{self.run_no}-ours-{i}.folded"
+                    cmd = [self.python(), str(HERE / "profile_server.py"), "--folded", str(folded)]
+                procs.append(self.spawn(cmd, env, logfile, REPO))
             for port, proc in zip(ports, procs, strict=True):
                 wait_listening(port, proc, 30, "our server")
-            yield ports, [p.pid for p in procs], [self.pg.postmaster_pid], logs
+            db_stats: dict[str, Any] = {}
+            yield ports, [p.pid for p in procs], [self.pg.postmaster_pid], logs, db_stats
         finally:
             for proc in procs:
                 stop_process(proc, signal.SIGINT)
                 self.started.remove(proc)
+            # Whole-run counts, read once the servers' backends have exited
+            # (a backend reports its statistics by the time it ends).
+            with contextlib.suppress(Exception):
+                time.sleep(0.5)
+                commits, head = self.pg.query(
+                    db, f"SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = '{db}'), "
+                    "(SELECT coalesce(max(position), 0) FROM events)")
+                scans = self.pg.query(
+                    db, "SELECT coalesce(idx_scan, 0) + coalesce(seq_scan, 0) FROM pg_stat_user_tables "
+                    "WHERE relname = 'events'")
+                db_stats.update(transactions=int(commits), events=int(head), events_scans=int(scans[0]))
             with contextlib.suppress(Exception):
                 self.pg.sql(f"DROP DATABASE IF EXISTS {db}")
 
     @contextlib.contextmanager
-    def node(self, count: int) -> Iterator[tuple[list[int], list[int], list[int], list[Path]]]:
+    def node(self, count: int) -> Iterator[tuple[list[int], list[int], list[int], list[Path], dict[str, Any]]]:
         redis_port = free_port()
         redis_dir = self.scratch / f"redis{self.run_no}"
         redis_dir.mkdir(exist_ok=True)
@@ -323,7 +350,7 @@ class Bench:
                 procs.append(self.spawn(["node", str(self.peer_dir / "server.js")], env, logfile, self.peer_dir))
             for port, proc in zip(ports, procs, strict=True):
                 wait_listening(port, proc, 30, "the Node peer")
-            yield ports, [p.pid for p in procs], [redis.pid], logs
+            yield ports, [p.pid for p in procs], [redis.pid], logs, {}
         finally:
             for proc in [*procs, redis]:
                 stop_process(proc, signal.SIGTERM)
@@ -336,14 +363,14 @@ class Bench:
         self.run_no += 1
         servers = self.ours(count) if kind == "ours" else self.node(count)
         max_s = 120 + 2 * self.args.fixed_k / self.args.rate
-        with servers as (ports, pids, aux, logs):
+        with servers as (ports, pids, aux, logs, db_stats):
             cmd = [
                 "taskset", "-c", self.args.loadgen_cpu, "node", str(self.loadgen_dir / "cluster_loadgen.js"),
                 "--urls", ",".join(f"http://127.0.0.1:{p}" for p in ports),
                 "--server-pids", ",".join(map(str, pids)), "--aux-trees", ",".join(map(str, aux)),
                 "--n", str(self.args.clients), "--m", str(self.args.senders), "--warm", "10",
                 "--rate", str(self.args.rate), "--fixed-k", str(self.args.fixed_k),
-                "--closed-k", str(self.args.closed_k), "--window", "1", "--size", "64",
+                "--closed-k", str(self.args.closed_k), "--window", str(self.args.window), "--size", "64",
                 "--acks", "1" if kind == "ours" else "0", "--clk-tck", str(os.sysconf("SC_CLK_TCK")),
                 "--timeout-s", "60", "--max-s", str(int(max_s)), "--label", config,
             ]
@@ -353,6 +380,8 @@ class Bench:
                 result = json.loads(lines[-1]) if lines else {"error": f"no output: {done.stderr[-500:]}"}
             except subprocess.TimeoutExpired:
                 result = {"error": "load generator timed out"}
+        if db_stats:
+            result["database"] = db_stats
         problems = check(result, kind)
         for logfile in logs:
             lines = logfile.read_text(errors="replace").splitlines()
@@ -406,6 +435,8 @@ FIGURES = (
     Figure("ack_cross_p50", "sender's ack->delivery p50, cross-process, ms", 2),
     Figure("ack_cross_p99", "sender's ack->delivery p99, cross-process, ms", 2),
     Figure("fixed_us_per_delivery_all", "fixed rate: CPU per delivery incl. PostgreSQL / Redis, us", 1),
+    Figure("db_transactions_per_event", "whole run: PostgreSQL transactions per event appended", 2),
+    Figure("db_scans_per_event", "whole run: scans of the events table per event appended", 2),
     Figure("distinct_orders", "distinct delivery orders among the clients (closed loop)", 0),
 )
 
@@ -438,6 +469,10 @@ def extract(r: dict[str, Any]) -> dict[str, float]:
     fdel = fixed.get("delivered") or 0
     f["fixed_us_per_delivery_all"] = (1e6 * (fcpu["server_cpu_s"] + fcpu["aux_cpu_s"]) / fdel
                                       if fdel and "server_cpu_s" in fcpu else NAN)
+    db = r.get("database") or {}
+    events = db.get("events") or 0
+    f["db_transactions_per_event"] = db["transactions"] / events if events and "transactions" in db else NAN
+    f["db_scans_per_event"] = db["events_scans"] / events if events and "events_scans" in db else NAN
     f["distinct_orders"] = (closed.get("checks") or {}).get("distinct_orders", NAN)
     return f
 
@@ -604,9 +639,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=3.0, help="chats/s per sender in the fixed phase")
     parser.add_argument("--fixed-k", type=int, default=30, help="chats per sender in the fixed phase")
     parser.add_argument("--closed-k", type=int, default=100, help="chats per sender in the closed loop")
+    parser.add_argument("--window", type=int, default=1,
+                        help="chats outstanding per sender in the closed loop (1: deliveries/s follows the "
+                        "commit latency; more: it approaches what the server core can do)")
     parser.add_argument("--redis-server", default="redis-server")
+    parser.add_argument("--profile", action="store_true",
+                        help="run our servers under bench/profile_server.py (reports in the kept scratch "
+                        "folder's server logs, folded stacks beside them); implies --keep; its figures are "
+                        "not benchmark figures")
     parser.add_argument("--json", help="write every run and the summary to this file")
     args = parser.parse_args(argv)
+    args.keep = args.keep or args.profile
 
     configs = [c for c in args.configs.split(",") if c]
     for c in configs:
@@ -652,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.server_cpu}, load generator to core {args.loadgen_cpu} (taskset); {args.clients} clients split "
         f"round-robin over the processes, {args.senders} senders, 64-byte chats; latency at "
         f"{args.senders} x {args.rate:g} chats/s, throughput and CPU in a closed loop of {args.closed_k} "
-        f"chats per sender. Medians of {args.repeat} repetition(s)."
+        f"chats per sender, {args.window} outstanding. Medians of {args.repeat} repetition(s)."
     )
     print_summary(summary, configs, heading)
     problems = [(c, i, p) for c, runs in results.items() for i, run in enumerate(runs) for p in run["problems"]]
