@@ -37,8 +37,10 @@ What it does, every step bounded in time and on 127.0.0.1 only:
 
 The load, on 200 logged-in clients (``bench/cluster_loadgen.js``): a
 warm-up (10 chats per sender, closed loop); then ``fixed``: 10 senders x
-3 chats/s for 10 s (latency); then ``closed``: each sender sends 100 chats,
-the next on its own echo (deliveries/s, CPU per delivery). 64-byte chats.
+3 chats/s for 10 s (latency); then ``closed``: each sender sends 300 chats,
+the next on its own echo (``--window`` 1 outstanding, as in compare.py:
+deliveries/s then follows the round trip, commit included, more than the
+server's CPU; ``--window 4`` shows capacity instead). 64-byte chats.
 
 Figures:
 
@@ -47,6 +49,10 @@ Figures:
 - server CPU per delivery (us): utime+stime from /proc of the chat processes
   over the closed phase, per delivery; and the same including the database
   (the PostgreSQL postmaster and all its backends) or Redis (redis-server);
+  the chat processes' write system calls per delivery (``syscw`` of
+  /proc/<pid>/io: how well writes to one socket are coalesced); and, over
+  the whole run, PostgreSQL transactions and scans of ``events`` per event
+  appended (``pg_stat_database``, ``pg_stat_user_tables``);
 - latency (ms, fixed phase), per delivery, same-process (the receiver is on
   the sender's process) and cross-process:
 
@@ -72,9 +78,10 @@ processes.
 
 Every process this script starts is stopped before it returns.
 
-    .venv/bin/python bench/cluster.py                     # 3 repetitions, ~5 minutes
+    .venv/bin/python bench/cluster.py                     # 3 repetitions, ~4 minutes
     .venv/bin/python bench/cluster.py --repeat 1 --configs ours1,ours2
     .venv/bin/python bench/cluster.py --repeat 5 --json cluster.json
+    .venv/bin/python bench/cluster.py --repeat 1 --configs ours1,ours2 --profile   # where the CPU goes
 """
 
 from __future__ import annotations
@@ -638,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, default=10)
     parser.add_argument("--rate", type=float, default=3.0, help="chats/s per sender in the fixed phase")
     parser.add_argument("--fixed-k", type=int, default=30, help="chats per sender in the fixed phase")
-    parser.add_argument("--closed-k", type=int, default=100, help="chats per sender in the closed loop")
+    parser.add_argument("--closed-k", type=int, default=300, help="chats per sender in the closed loop")
     parser.add_argument("--window", type=int, default=1,
                         help="chats outstanding per sender in the closed loop (1: deliveries/s follows the "
                         "commit latency; more: it approaches what the server core can do)")
