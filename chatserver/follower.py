@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from .delivery import Delivery
 from .store import EventStore
@@ -24,7 +25,10 @@ RETRY_DELAY = 1.0  # seconds before reading again after a failed read
 
 
 class LogFollower:
-    def __init__(self, store: EventStore, delivery: Delivery, *, interval: float | None) -> None:
+    def __init__(
+        self, store: EventStore, delivery: Delivery, *, interval: float | None, own_id: Callable[[], str] = lambda: ""
+    ) -> None:
+        self.own_id = own_id
         self.store = store
         self.delivery = delivery
         self.interval = interval  # None: read only when asked
@@ -45,8 +49,12 @@ class LogFollower:
     def poke(self) -> None:
         self._wake.set()
 
-    def signalled(self, head: int) -> None:
-        """The log grew to ``head`` (0: unknown, look anyway)."""
+    def signalled(self, head: int, sender: str) -> None:
+        """The log grew to ``head`` (0: unknown, look anyway). A process's
+        own commits reach its delivery without a read: their signal is
+        skipped (a gap before one of them asks for a read anyway)."""
+        if sender and sender == self.own_id():
+            return
         if head == 0 or head > self.delivery.applied:
             self._wake.set()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -31,10 +31,15 @@ RECONNECT_MAX = 5.0
 _NOTIFY = sa.text(f"SELECT pg_notify('{CHANNEL}', :head)")
 
 
-async def notify(conn: AsyncConnection, stored: list[StoredEvent]) -> None:
-    """In the append's transaction: tell the other processes the new head."""
-    if stored:
-        await conn.execute(_NOTIFY, {"head": str(stored[-1].position)})
+def notifier(sender: Callable[[], str]) -> Callable[[AsyncConnection, list[StoredEvent]], Awaitable[None]]:
+    """The in-transaction hook that signals ``'<head> <sender>'``: a process
+    skips its own signals (its commits reach its delivery directly)."""
+
+    async def notify(conn: AsyncConnection, stored: list[StoredEvent]) -> None:
+        if stored:
+            await conn.execute(_NOTIFY, {"head": f"{stored[-1].position} {sender()}"})
+
+    return notify
 
 
 def asyncpg_dsn(url: sa.URL) -> str:
@@ -42,11 +47,11 @@ def asyncpg_dsn(url: sa.URL) -> str:
 
 
 class LogListener:
-    """Listens for ``chat_log`` notifications and calls ``on_signal(head)``;
-    after every (re)connection it calls ``on_signal(0)`` so the follower
-    reads whatever it may have missed meanwhile."""
+    """Listens for ``chat_log`` notifications and calls ``on_signal(head,
+    sender)``; after every (re)connection it calls ``on_signal(0, "")`` so the
+    follower reads whatever it may have missed meanwhile."""
 
-    def __init__(self, url: sa.URL, on_signal: Callable[[int], None]) -> None:
+    def __init__(self, url: sa.URL, on_signal: Callable[[int, str], None]) -> None:
         self.dsn = asyncpg_dsn(url)
         self.on_signal = on_signal
         self._task: asyncio.Task[None] | None = None
@@ -62,11 +67,11 @@ class LogListener:
                 await self._task
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        head, _sep, sender = payload.partition(" ")
         try:
-            head = int(payload)
+            self.on_signal(int(head), sender)
         except ValueError:
-            head = 0
-        self.on_signal(head)
+            self.on_signal(0, "")
 
     async def _run(self) -> None:
         delay = RECONNECT_FIRST
@@ -83,7 +88,7 @@ class LogListener:
                 failing = False
                 delay = RECONNECT_FIRST
                 self.connected.set()
-                self.on_signal(0)
+                self.on_signal(0, "")
                 await lost.wait()
             except asyncio.CancelledError:
                 raise

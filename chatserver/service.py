@@ -53,13 +53,15 @@ class ChatService:
         # A PostgreSQL log may be shared by several processes: each append
         # signals the new head, and each process follows the log.
         shared = store.engine.dialect.name == "postgresql"
-        in_transaction = [projections.save, *([logsignal.notify] if shared else [])]
+        in_transaction = [projections.save, *([logsignal.notifier(self._lease_id)] if shared else [])]
         self.writer = writer_factory(in_transaction=in_transaction, on_commit=self._committed)
         self.delivery = Delivery(
             settings, store, publisher, self.sessions, on_followed=self._followed, on_applied=self._applied
         )
         self.commands = Commands(settings, store, self.writer, self.sessions, self.delivery)
-        self.follower = LogFollower(store, self.delivery, interval=FOLLOW_POLL if shared else None)
+        self.follower = LogFollower(
+            store, self.delivery, interval=FOLLOW_POLL if shared else None, own_id=self._lease_id
+        )
         self.listener = logsignal.LogListener(store.engine.url, self.follower.signalled) if shared else None
         self._reconciler: asyncio.Task[None] | None = None
         self.lease: NodeLease | None = None
@@ -130,6 +132,10 @@ class ChatService:
     async def _close_lost(self, sessions: list[tuple[str, str]], reason: str) -> None:
         assert self.lease is not None
         await self.commands.close_lost(sessions, reason, self.lease.session_of)
+
+    def _lease_id(self) -> str:
+        # Session ids start with it; it changes when a lapsed lease is renewed.
+        return self.sessions.instance
 
     def _new_lease(self, lease_id: str) -> None:
         self.sessions.instance = lease_id
