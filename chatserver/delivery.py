@@ -206,11 +206,30 @@ class Delivery:
         """Deliver what comes next in position order, whether this process
         committed it or read it from the shared log: each position once, in
         order, so every process delivers the same sequence."""
+        events, followed = self._next_run()
+        if events:
+            await self._publish_batch(events)
+            if followed:
+                self._on_followed(followed)
+        if self._followed:
+            for position in [p for p in self._followed if p <= self.applied]:
+                del self._followed[position]
+        if self._parked:
+            # Our next batch waits for positions another process appended.
+            self.want_follow()
+
+    def _next_run(self) -> tuple[list[StoredEvent], list[StoredEvent]]:
+        """Everything deliverable now, in position order (own batches and
+        other processes' events interleaved), and which of it was followed."""
+        after = self.applied
+        events: list[StoredEvent] = []
+        followed: list[StoredEvent] = []
         while True:
-            after = self.applied
             if self._parked and self._parked[0].events[0].position <= after + 1:
-                events = [e for e in self._parked.pop(0).events if e.position > after]
-                await self._publish_batch(events, own=True)
+                fresh = [e for e in self._parked.pop(0).events if e.position > after]
+                if fresh:
+                    events += fresh
+                    after = fresh[-1].position
                 continue
             run: list[StoredEvent] = []
             while (stored := self._followed.get(after + len(run) + 1)) is not None:
@@ -220,16 +239,12 @@ class Delivery:
                     break
                 run.append(stored)
             if not run:
-                break
+                return events, followed
             for stored in run:
                 del self._followed[stored.position]
-            await self._publish_batch(run, own=False)
-        if self._followed:
-            for position in [p for p in self._followed if p <= self.applied]:
-                del self._followed[position]
-        if self._parked:
-            # Our next batch waits for positions another process appended.
-            self.want_follow()
+            events += run
+            followed += run
+            after = run[-1].position
 
     def _own_login_pending(self, stored: StoredEvent) -> bool:
         event = stored.event
@@ -238,9 +253,11 @@ class Delivery:
         session = self.sessions.by_id(event.session)
         return session is not None and session.state is State.PENDING
 
-    async def _publish_batch(self, events: list[StoredEvent], *, own: bool) -> None:
-        if not events:
-            return
+    async def _publish_batch(self, events: list[StoredEvent]) -> None:
+        # With more items waiting, their packets join these in each socket's
+        # buffer and go out in one write; otherwise the fan-out is written
+        # now, before the appenders' acks.
+        final = self._outbox.empty()
         last = events[-1]
         for stored in events:
             # Marked before publishing: a catch-up that sees this position
@@ -249,13 +266,11 @@ class Delivery:
             self.dispatched = max(self.dispatched, stored.position)
             self._apply(stored)
             try:
-                await self._publish(stored, last=stored is last)
+                await self._publish(stored, last=final and stored is last)
             except Exception:
                 log.exception("could not publish event %d (%s); delivering the next", stored.position, stored.type)
-        if not own:
-            self._on_followed(events)
-        # The batch's fan-out goes out before the appenders' acks.
-        self.publisher.flush()
+        if final:
+            self.publisher.flush()
 
     def _apply(self, stored: StoredEvent) -> None:
         """Apply to the live views, once, in position order."""
