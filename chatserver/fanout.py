@@ -201,6 +201,9 @@ class DirectSocket(async_socket.AsyncSocket):
     engine.io fires ``connect``; the queue and flags are engine.io's own).
     """
 
+    # engine.io's own, declared for the type checker
+    connected: bool
+
     # set by _adopt()
     direct: bool
     _out: list[bytes]
@@ -694,7 +697,7 @@ class FanoutServer(socketio.AsyncServer):
         penalty_seconds: float = DEFAULT_PENALTY_SECONDS,
         **kwargs: Any,
     ) -> None:
-        self._engine_options = dict(
+        self._engine_options: dict[str, Any] = dict(
             max_buffer=max_buffer,
             frame_rate=frame_rate,
             frame_burst=frame_burst,

@@ -16,7 +16,7 @@ import contextlib
 import gc
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -463,7 +463,7 @@ def _same(row: sa.Row[Any], wanted: dict[str, object] | None) -> bool:
 async def _mark_differences(
     engine: AsyncEngine,
     table: sa.Table,
-    wanted: dict[str, dict[str, object] | None],
+    wanted: Mapping[str, dict[str, object] | None],
     dirty: set[str],
 ) -> None:
     """Mark every name whose row differs from ``wanted``: rows the table has
