@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from chatserver.events import UserLeft
@@ -95,6 +96,12 @@ async def test_names_are_unique_and_history_shared_across_processes(postgres: Po
                 assert [m["message"] for m in client.events("chat")] == ["from one", "from two"]
                 assert sorted(await client.call("onlineUsers")) == ["alice", "bobby"]
             await c.login("carol")
+            # Each process is ready only while it holds its node lease.
+            async with aiohttp.ClientSession() as http:
+                for proc in procs:
+                    async with http.get(proc.url + "/readyz") as r:
+                        body = await r.json()
+                    assert r.status == 200 and body["checks"]["lease"] == "held", body
             items = c.events("history")[0]["items"]
             assert [i["message"] for i in items if i["kind"] == "chat"] == ["from one", "from two"]
         finally:
@@ -365,6 +372,9 @@ async def test_a_process_cut_off_from_the_database_stops_serving_before_it_is_re
         # The cut-off process drops its sockets itself (2/3 of the lease)...
         await a.wait_for(lambda: not a.sio.connected, timeout=10)
         dropped = asyncio.get_running_loop().time() - cut_at
+        async with aiohttp.ClientSession() as http, http.get(lonely.url + "/readyz") as r:
+            body = await r.json()
+        assert r.status == 503 and body["checks"]["lease"] == "fenced", body
         # ...before the healthy one reaps its lease (the whole lease).
         await b.wait_for(lambda: "alice" in b.events("userLeft"), timeout=15)
         reaped = asyncio.get_running_loop().time() - cut_at
