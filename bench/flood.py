@@ -62,6 +62,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from procs import free_port, stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 
 FLOOD_FRAME = '42["chat","spam"]'
@@ -70,12 +72,6 @@ FRAMES_PER_WRITE = 256
 
 def log(msg: str) -> None:
     print(f"[flood {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pin(cpu: str | None) -> list[str]:
@@ -301,12 +297,12 @@ class Bench:
                 time.sleep(0.05)
             yield port, logfile
         finally:
-            stop(proc, signal.SIGINT)
+            stop_process(proc, signal.SIGINT)
             self.started.remove(proc)
 
     def stop_all(self) -> None:
         for proc in list(self.started):
-            stop(proc, signal.SIGTERM, grace=5)
+            stop_process(proc, signal.SIGTERM, grace=5)
 
     def flooder(self, port: int, seconds: float) -> subprocess.Popen[str]:
         cmd = [*pin(self.args.flooder_cpu or self.args.client_cpu), sys.executable, str(Path(__file__).resolve()),
@@ -396,19 +392,6 @@ class Bench:
             )
             result["server_warning_lines"] = sum(1 for ln in text.splitlines() if "WARNING" in ln)
         return result
-
-
-def stop(proc: subprocess.Popen[Any], sig: int, grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(10)
 
 
 def summarize(baseline: dict[str, Any], flood: dict[str, Any]) -> dict[str, Any]:
