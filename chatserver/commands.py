@@ -206,8 +206,9 @@ class Commands:
         if session.socket_gone or session.state is not State.PENDING:
             raise domain.NotLoggedIn("the socket went away while logging in")
 
-    def _decide_login(self, session: Session, head: StreamHead) -> list[NewEvent]:
-        return domain.decide_login(
+    def _decide_login(self, session: Session, head: StreamHead, *, resume: bool = False) -> list[NewEvent]:
+        decide = domain.decide_resume if resume else domain.decide_login
+        return decide(
             session.name,
             head,
             session=session.id,
@@ -286,14 +287,7 @@ class Commands:
             self._still_claiming(session)
             if current is None or current.session != granted_to:
                 raise domain.ResumeRefused("invalid_token", "the resume token was superseded by a newer login")
-            new = domain.decide_resume(
-                session.name,
-                head,
-                session=session.id,
-                node=self.settings.node_name,
-                resume_hash=hash_token(session.token),
-                command_id=new_command_id(),
-            )
+            new = self._decide_login(session, head, resume=True)
             try:
                 return await self._submit_login(session, new)
             except ConcurrencyError:
