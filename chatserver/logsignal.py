@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .events import StoredEvent
+from .store import pg_read_after
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class LogListener:
         self.dsn = asyncpg_dsn(url)
         self.on_signal = on_signal
         self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
         self.connected = asyncio.Event()
 
     def start(self) -> None:
@@ -65,6 +67,14 @@ class LogListener:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def read_after(self, after: int, limit: int) -> list[StoredEvent] | None:
+        """Events after ``after`` read on the listening connection (cheaper
+        than a pooled SQLAlchemy read); None while it is not connected."""
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return None
+        return await pg_read_after(conn, after, limit)
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         head, _sep, sender = payload.partition(" ")
@@ -83,6 +93,7 @@ class LogListener:
                 conn = await asyncpg.connect(self.dsn, timeout=5)
                 conn.add_termination_listener(lambda _c: lost.set())
                 await conn.add_listener(CHANNEL, self._notified)
+                self._conn = conn
                 if failing:
                     log.info("listening for log signals again")
                 failing = False
@@ -98,6 +109,7 @@ class LogListener:
                 failing = True
             finally:
                 self.connected.clear()
+                self._conn = None
                 if conn is not None:
                     conn.terminate()
             if not failing:

@@ -63,6 +63,8 @@ class ChatService:
             store, self.delivery, interval=FOLLOW_POLL if shared else None, own_id=self._lease_id
         )
         self.listener = logsignal.LogListener(store.engine.url, self.follower.signalled) if shared else None
+        if self.listener is not None:
+            self.follower.fast_read = self.listener.read_after
         self._reconciler: asyncio.Task[None] | None = None
         self.lease: NodeLease | None = None
 

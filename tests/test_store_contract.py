@@ -265,3 +265,32 @@ async def test_stream_versions_skip_through_the_streams(backend: Backend) -> Non
     await append(backend, [chat("ann", 3, "d"), chat("user_", 1, "e")])
     assert await backend.store.stream_versions("user-") == {"user-ann": 3, "user-bob": 1, "user-user_": 1}
     assert await backend.store.stream_versions("room-") == {"room-x": 1}
+
+
+@pytest.mark.postgres
+async def test_the_followers_raw_read_matches_the_store(pg_url: str) -> None:
+    import asyncpg
+
+    from chatserver.logsignal import asyncpg_dsn
+    from chatserver.store import pg_read_after
+
+    engine = create_engine(pg_url, writer=True)
+    store = EventStore(engine)
+    try:
+        async with engine.begin() as conn:
+            await store.append(
+                conn,
+                [
+                    NewEvent("user-ann", 1, UserLoggedIn(name="ann", session="s1", node="n"), "c1"),
+                    NewEvent("user-ann", 2, UserJoined(name="ann"), "c1"),
+                    NewEvent("user-ann", 3, MessagePosted(sender="ann", message='hé "x" \\n'), "ann/x"),
+                ],
+            )
+        raw = await asyncpg.connect(asyncpg_dsn(engine.url))
+        try:
+            assert await pg_read_after(raw, 0, 10) == await store.read_all()
+            assert [e.position for e in await pg_read_after(raw, 1, 1)] == [2]
+        finally:
+            await raw.close()
+    finally:
+        await engine.dispose()
