@@ -304,3 +304,16 @@ class Postgres:
 
 def postgres_available() -> bool:
     return (PG_BIN / "initdb").exists()
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write a file until the filesystem has no room left."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 65536)
+    finally:
+        os.close(fd)
+    return filler

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from chatserver.database import create_engine
 from chatserver.events import MessagePosted, NewEvent, StoredEvent, user_stream
 from chatserver.store import EventStore
 from chatserver.writer import Appended, CommitOutcomeUnknown, DatabaseUnavailable, EventWriter
-from tests.support import Postgres, migrated_sqlite
+from tests.support import Postgres, fill_disk, migrated_sqlite
 
 
 def chat(name: str, version: int, text: str, command_id: str | None = None) -> NewEvent:
@@ -343,35 +341,6 @@ async def test_sqlite_full_disk_by_page_limit(db_url: str, caplog: pytest.LogCap
     assert tracebacks(caplog) == []
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MB tmpfs, where the test can fill the disk for real."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the filesystem has no room left."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 4096)
-    finally:
-        os.close(fd)
-    return filler
-
-
 async def test_sqlite_file_on_a_full_disk(small_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
     url = migrated_sqlite(small_disk)
     store = EventStore(create_engine(url))
@@ -381,7 +350,7 @@ async def test_sqlite_file_on_a_full_disk(small_disk: Path, caplog: pytest.LogCa
     load = Load(writer)
     try:
         await writer.append([chat("first", 1, "x")])
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
         load.start()
         await fill_until_refused(load)
         failing = len(load.failed)

@@ -7,36 +7,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chatserver.events import MessagePosted, UserLeft
-from tests.support import PG_BIN, Client, Postgres, log_of, migrated_sqlite, running_server, settings_for
-
-
-def pg_stop(pg: Postgres) -> None:
-    pg._run(str(PG_BIN / "pg_ctl"), "-D", str(pg.dir / "data"), "-m", "fast", "-w", "stop")
-
-
-def pg_start(pg: Postgres) -> None:
-    pg._run(
-        str(PG_BIN / "pg_ctl"), "-D", str(pg.dir / "data"), "-w", "-l", str(pg.dir / "log"),
-        "-o", f"-c listen_addresses=127.0.0.1 -p {pg.port} -k {pg.dir} -c fsync=on",
-        "start",
-    )
+from tests.support import Client, Postgres, fill_disk, log_of, migrated_sqlite, running_server, settings_for
 
 
 async def chat_until(client: Client, text: str, ok: bool, timeout: float = 20.0) -> dict[str, Any]:
     """Send ``text`` until its ack says ``ok`` (the same client id each time)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        ack = await client.call("chat", text, {"id": f"retry-{text[:30]}"})
+        # Long enough for a chat queued behind a commit whose outcome the
+        # writer is still looking up (up to 30 s while the database is down).
+        ack = await client.call("chat", text, {"id": f"retry-{text[:30]}"}, timeout=45)
         if ack["ok"] is ok:
             return dict(ack)
         assert asyncio.get_running_loop().time() < deadline, ack
@@ -62,26 +48,31 @@ async def test_postgres_restart_under_load_loses_nothing_acknowledged(
             while not stop.is_set():
                 text = f"load{i}"
                 i += 1
-                ack = await alice.call("chat", text)
+                ack = await alice.call("chat", text, timeout=45)
                 (acked if ack["ok"] else refused).append(text)
                 if not ack["ok"]:
                     assert ack["error"] in ("not_stored", "server_error"), ack
                     await asyncio.sleep(0.02)
 
         loader = asyncio.create_task(load())
+        down = False
         try:
             await asyncio.sleep(0.3)
-            await asyncio.to_thread(pg_stop, postgres)
+            down = True
+            await asyncio.to_thread(postgres.stop_server)
             # While it is down: chats are refused, and a leave fails to store.
             await chat_until(bobby, "during", ok=False)
             await bobby.disconnect()
             await asyncio.sleep(0.5)
-            await asyncio.to_thread(pg_start, postgres)
+            await asyncio.to_thread(postgres.start_server)
+            down = False
             # Back by itself: the same clients chat again, and the leave lost
             # during the outage reaches everyone.
             await chat_until(alice, "after", ok=True)
             await alice.wait_for(lambda: "bobby" in alice.events("userLeft"), timeout=20)
         finally:
+            if down:  # leave the shared cluster running for the other tests
+                await asyncio.to_thread(postgres.start_server)
             stop.set()
             with contextlib.suppress(Exception):
                 await loader
@@ -102,32 +93,6 @@ async def test_postgres_restart_under_load_loses_nothing_acknowledged(
     assert len(tracebacks) <= 2, [r.getMessage() for r in tracebacks]
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs: a disk that can be filled up and freed again."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with open(filler, "wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-    return filler
-
-
 async def test_sqlite_on_a_full_disk_refuses_and_recovers(
     small_disk: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -137,7 +102,7 @@ async def test_sqlite_on_a_full_disk_refuses_and_recovers(
         await alice.login("alice")
         await bobby.login("bobby")
         assert (await alice.call("chat", "before"))["ok"]
-        filler = await asyncio.to_thread(fill, small_disk)
+        filler = await asyncio.to_thread(fill_disk, small_disk)
         # Full: a chat is refused, never a false ok; a leave fails to store.
         big = "x" * 1900
         refused = await chat_until(alice, big, ok=False)

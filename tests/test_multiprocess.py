@@ -266,8 +266,6 @@ async def test_processes_with_no_node_id_do_not_interfere(postgres: Postgres) ->
 
 
 async def test_a_database_restart_loses_no_delivery(postgres: Postgres) -> None:
-    from tests.test_faults_e2e import pg_start, pg_stop
-
     async with cluster(postgres, n=2) as (url, procs):
         a = await Client(procs[0].url).connect()
         b = await Client(procs[1].url).connect()
@@ -275,9 +273,9 @@ async def test_a_database_restart_loses_no_delivery(postgres: Postgres) -> None:
             await a.login("alice")
             await b.login("bobby")
             assert (await a.call("chat", "before"))["ok"]
-            await asyncio.to_thread(pg_stop, postgres)
+            await asyncio.to_thread(postgres.stop_server)
             await asyncio.sleep(0.5)
-            await asyncio.to_thread(pg_start, postgres)
+            await asyncio.to_thread(postgres.start_server)
             # Both processes find the log again by themselves: what is
             # stored from now on reaches the other process's socket.
             deadline = asyncio.get_running_loop().time() + 20
