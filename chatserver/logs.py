@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Hashable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -99,25 +100,40 @@ def configure(log_format: str = "text", level: str = "INFO", node: str = "local"
     root.setLevel(level.upper())
 
 
+class Throttle:
+    """Whether a line of some kind may be logged now: at most one per
+    ``interval`` seconds, counting the ones held back in between."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[Hashable, float] = {}
+        self._held: dict[Hashable, int] = {}
+
+    def allow(self, kind: Hashable) -> int | None:
+        """None: hold this one back; otherwise how many were held back since
+        the last line of this kind."""
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
+
+
 class ProblemThrottle:
     """At most one line per kind per ``interval`` seconds; every occurrence counted."""
 
     def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
         self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._unlogged: dict[str, int] = {}
+        self._throttle = Throttle(interval)
 
     def report(self, kind: str, message: str, *args: Any, **fields: Any) -> None:
         counts = STATS.client_problems
         counts[kind] = counts.get(kind, 0) + 1
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval:
-            self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+        unlogged = self._throttle.allow(kind)
+        if unlogged is None:
             return
-        self._last[kind] = now
-        unlogged = self._unlogged.pop(kind, 0)
         if unlogged:
             message += " (%d more of this kind since the last line)"
             args = (*args, unlogged)

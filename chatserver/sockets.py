@@ -18,12 +18,20 @@ from typing import Any, TypeVar
 import socketio
 
 from . import protocol
-from .config import Settings
-from .domain import BadPayload, DomainError, NameBad, NameTaken, RateLimited, ServerFailed
-from .ratelimit import TokenBucket
 from .commands import Commands
+from .config import Settings
 from .database import DatabaseUnavailable
+from .domain import (
+    BadPayload,
+    DomainError,
+    NameBad,
+    NameTaken,
+    RateLimited,
+    ServerFailed,
+)
+from .logs import Throttle
 from .metrics import STATS
+from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +54,25 @@ class FailureLog:
     """Commands that failed for a reason on the server's side (a database
     outage, say) are logged once per kind (event, exception type) and
     interval, with a count of the ones left out: an outage is one story, not
-    one traceback per request. Kinds are few: the map stays small."""
+    one traceback per request. Kinds are few: the maps stay small."""
 
     INTERVAL = 10.0  # seconds
 
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
-        self._last: dict[tuple[str, type[BaseException]], float] = {}
-        self._quiet: dict[tuple[str, type[BaseException]], int] = {}
+        self._throttle = Throttle(self.INTERVAL)
+        self._seen: set[tuple[str, type[BaseException]]] = set()
 
     def report(self, event: str, exc: BaseException) -> None:
         key = (event, type(exc))
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.INTERVAL:
-            self._quiet[key] = self._quiet.get(key, 0) + 1
+        quiet = self._throttle.allow(key)
+        if quiet is None:
             return
-        self._last[key] = now
-        quiet = self._quiet.pop(key, 0)
         also = f" ({quiet} more like it since the last report)" if quiet else ""
         # The traceback once per kind: the rest says only how often.
-        self._log.error("%s failed: %s: %s%s", event, type(exc).__name__, exc, also, exc_info=last is None)
+        first = key not in self._seen
+        self._seen.add(key)
+        self._log.error("%s failed: %s: %s%s", event, type(exc).__name__, exc, also, exc_info=first)
 
 
 class SocketIOPublisher:
