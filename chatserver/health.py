@@ -141,8 +141,15 @@ def setup_health(app: web.Application, readiness: Readiness) -> None:
         # Answering at all is the point: the loop is not blocked.
         return web.json_response({"status": "ok", "uptime": round(time.monotonic() - started, 3)})
 
+    # Requests that arrive while a check runs share it, so a client
+    # hammering /readyz costs the database one query at a time, not one each.
+    running: asyncio.Task[tuple[bool, dict[str, Any]]] | None = None
+
     async def readyz(_request: web.Request) -> web.Response:
-        ready, body = await readiness.check()
+        nonlocal running
+        if running is None or running.done():
+            running = asyncio.ensure_future(readiness.check())
+        ready, body = await asyncio.shield(running)
         return web.json_response(body, status=200 if ready else 503)
 
     app.router.add_get("/healthz", healthz)

@@ -92,6 +92,36 @@ async def test_healthz_and_readyz_answer_json_not_the_chat_page(server: InProces
     assert status == 200 and ctype.startswith("text/html")
 
 
+async def test_a_flood_of_readyz_requests_shares_the_database_checks(server: InProcessServer) -> None:
+    from sqlalchemy import event
+
+    from chatserver.app import STORE
+
+    engine = server.app[STORE].engine.sync_engine
+    queries: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "alembic_version" in statement:
+            queries.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> int:
+                async with http.get(server.url + "/readyz") as r:
+                    await r.read()
+                    return r.status
+
+            statuses = await asyncio.gather(*(ready() for _ in range(100)))
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert statuses == [200] * 100
+    # Requests that arrive while a check runs wait for it instead of starting
+    # their own: far fewer queries than requests.
+    assert 1 <= len(queries) <= 20, len(queries)
+
+
 async def test_readyz_is_503_with_the_reason_when_the_schema_is_not_at_head(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
