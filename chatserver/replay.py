@@ -30,8 +30,17 @@ from urllib.parse import quote
 import orjson
 
 from .config import database_url_from_env
-from .events import TYPE_ALIASES, UserLoggedIn, user_stream
-from .replay_format import FORMATS, Renderer, renderer_for
+from .events import EVENT_TYPES, LOBBY, MessagePosted, UserJoined, UserLeft, UserLoggedIn, user_stream
+from .replay_format import (
+    CONVERSATION_READ,
+    FORMATS,
+    PRIVATE_MESSAGE_SENT,
+    ROOM_CREATED,
+    ROOM_JOINED,
+    ROOM_LEFT,
+    Renderer,
+    renderer_for,
+)
 
 if TYPE_CHECKING:
     from .store import ReplayFilter
@@ -66,23 +75,50 @@ formats:
            2026-11-25 21:55:13Z <alice> hello
            2026-11-25 21:55:14Z * bob joined
            2026-11-25 21:55:20Z * bob left (disconnected)
-         A message's further lines are indented under its first; control
-         characters print escaped (\\x1b). Logins are left out (each is followed
-         by a join in the same commit) unless --type login is given:
+           2026-11-25 21:56:02Z [Dev] * alice created the room (topic: Python)
+           2026-11-25 21:56:03Z [Dev] * bob joined
+           2026-11-25 21:56:05Z [Dev] <alice> hi
+           2026-11-25 21:56:09Z <alice -> bob> a private message
+         The lobby's lines carry no room (as before rooms); another room's
+         carry [Room], its name as created. A message's further lines are
+         indented under its first; control characters print escaped (\\x1b).
+         Logins (each is followed by a join in the same commit) and read
+         markers are left out unless --type login or --type read asks:
            2026-11-25 21:55:14Z * bob logged in (node local, session 5e0c...)
+           2026-11-25 21:56:10Z [Dev] * bob read up to 812
          Colour when stdout is a terminal (--color, NO_COLOR).
   jsonl  one JSON object per line, a stable schema for tools:
            {"position":7,"stream":"user-alice","type":"MessagePosted",
             "time":"2026-11-25T21:55:13.204518Z",
-            "payload":{"sender":"alice","message":"hello","room":"lobby"}}
+            "payload":{"sender":"alice","message":"hello","room":"lobby"},
+            "scope":"room:lobby"}
          position  integer, the event's place in the log (gap-free, from 1)
-         stream    "user-<name>": the user the event is about
-         type      UserLoggedIn | UserJoined | MessagePosted | UserLeft
+         stream    "user-<name>" (the user the event is about) or
+                   "room-<room>" (a room's creation)
+         type      UserLoggedIn | UserJoined | MessagePosted | UserLeft |
+                   RoomCreated | RoomJoined | RoomLeft | PrivateMessageSent |
+                   ConversationRead
          time      when it was recorded: ISO 8601, UTC, microseconds, "Z"
          payload   the event as stored (README, "Event log"); keys in the
-                   order the server writes them, more keys may come later
-  csv    a header, then position,stream,type,time,payload (payload is the
-         jsonl payload as JSON text); lines end in \\n.
+                   order the server writes them, more keys may come later.
+                   A room's canonical name is payload.room; a private
+                   message's parties are payload.sender and .recipient
+         scope     what --room and --conversation match: "room:<room, case
+                   folded>" (the lobby's events: "room:lobby"),
+                   "dm:<A>\\t<B>" for the private messages between A and B
+                   (sorted by code point, a tab between), or null
+  csv    a header, then position,stream,type,time,payload,scope (payload is
+         the jsonl payload as JSON text, scope empty when null); lines end
+         in \\n.
+
+rooms and conversations: --room NAME matches any case ("DEV" is dev) and
+  selects the room's creation, joins, leaves and chats; --room lobby selects
+  the lobby's joins, leaves and chats. --conversation A,B selects the private
+  messages between A and B, either order, names in exact case. A name may
+  hold a comma: then give the pair as a JSON array, --conversation '["a,b","c"]'
+  (any value starting with "[" is read as JSON; spaces around the comma of
+  A,B are dropped, as no name starts or ends with one). --room and
+  --conversation, each repeatable, select events in any of those given.
 
 times (--since, --until): ISO 8601, UTC unless an offset is given
   (2026-11-25, 2026-11-25T21:55, "2026-11-25 21:55:13+01:00"), or a time
@@ -90,14 +126,18 @@ times (--since, --until): ISO 8601, UTC unless an offset is given
   Times must fall in the years 1000 to 9999 (UTC).
 
 numbers (--after, --limit, --tail): whole numbers from 0 to 9223372036854775807
-  (2**63-1, the log's largest position). --user, --room: valid UTF-8, at most
-  1000 different values each; --user matches the name in NFC, as the server
-  stores it. Any value that cannot be used exits 2 with one line on stderr.
+  (2**63-1, the log's largest position). --user, --room, --conversation:
+  valid UTF-8, at most 1000 different values each; names match in NFC, as
+  the server stores them. --user selects the user's stream: a private
+  message is in its sender's. Any value that cannot be used exits 2 with one
+  line on stderr.
 
 examples:
   chat-replay                                   the whole transcript
   chat-replay --tail 20 -f                      the last 20 lines, then follow
   chat-replay --user alice --type chat --since 2h
+  chat-replay --room dev --room ops --type chat,join,leave
+  chat-replay --conversation alice,bob --tail 50
   chat-replay --format jsonl --after 41000 > new.jsonl     incremental dump
   chat-replay --format jsonl | jq -r 'select(.type == "MessagePosted") | .payload.message'
   CHAT_DATABASE_URL=postgresql+asyncpg://chat@db:5432/chat chat-replay -f
@@ -209,19 +249,35 @@ def _seconds(value: str) -> float:
     return seconds
 
 
-# The short names (login, join, chat, leave) and the full type names, any case.
-_TYPE_NAMES = {**TYPE_ALIASES, **{t.lower(): t for t in TYPE_ALIASES.values()}}
+# The short names --type takes, by what happened: a join is a join to the
+# lobby or to a room, so that --type join --room dev shows dev's joins.
+TYPE_GROUPS: dict[str, tuple[str, ...]] = {
+    "login": (UserLoggedIn.type,),
+    "join": (UserJoined.type, ROOM_JOINED),
+    "leave": (UserLeft.type, ROOM_LEFT),
+    "chat": (MessagePosted.type,),
+    "pm": (PRIVATE_MESSAGE_SENT,),
+    "create": (ROOM_CREATED,),
+    "read": (CONVERSATION_READ,),
+}
+_FULL_NAMES = dict.fromkeys([*EVENT_TYPES, *(t for group in TYPE_GROUPS.values() for t in group)])
+# The short names and the full type names (each alone), any case.
+_TYPE_NAMES = {**TYPE_GROUPS, **{t.lower(): (t,) for t in _FULL_NAMES}}
+
+# What the transcript leaves out unless --type asks for it: a login is
+# followed by a join in the same commit, and read markers are bookkeeping.
+TEXT_HIDDEN = (UserLoggedIn.type, CONVERSATION_READ)
 
 
 def _types(value: str) -> list[str]:
     names = []
     for part in value.split(","):
-        name = _TYPE_NAMES.get(part.strip().lower())
-        if name is None:
+        group = _TYPE_NAMES.get(part.strip().lower())
+        if group is None:
             raise argparse.ArgumentTypeError(
-                f"unknown event type {part.strip()!r}: use " + ", ".join(TYPE_ALIASES) + " (or the full type names)"
+                f"unknown event type {part.strip()!r}: use " + ", ".join(TYPE_GROUPS) + " (or the full type names)"
             )
-        names.append(name)
+        names.extend(group)
     return names
 
 
@@ -237,6 +293,50 @@ def _user(value: str) -> str:
     # The server stores names in NFC: a name typed in NFD (as some keyboards
     # and file systems produce it) is the same name.
     return unicodedata.normalize("NFC", _text(value))
+
+
+def room_scope(name: str) -> str:
+    """The scope column's value for a room: rooms are one case-insensitively,
+    and the server keys them by the case folded NFC name ("lobby" too)."""
+    return "room:" + unicodedata.normalize("NFC", name).casefold()
+
+
+def conversation_scope(a: str, b: str) -> str:
+    """The scope column's value for the private messages between two users:
+    both names (NFC, exact case), sorted by code point, a tab between (no
+    name may hold a tab)."""
+    first, second = sorted((unicodedata.normalize("NFC", a), unicodedata.normalize("NFC", b)))
+    return f"dm:{first}\t{second}"
+
+
+def _room(value: str) -> str:
+    return room_scope(_text(value))
+
+
+_PAIR_HELP = 'give two names, A,B; when a name holds a comma, give the pair as JSON: \'["a,b","c"]\''
+
+
+def _conversation(value: str) -> str:
+    text = _text(value)
+    if text.startswith("["):
+        # The JSON form: for names holding commas (a name may hold any
+        # visible character). Any value starting with "[" is read as JSON.
+        try:
+            pair = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pair = None
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) and n for n in pair)):
+            raise argparse.ArgumentTypeError(f"{_shown(value)} is not a JSON array of two names: {_PAIR_HELP}")
+        names = [_text(n) for n in pair]
+    else:
+        names = text.split(",")
+        if len(names) != 2:
+            raise argparse.ArgumentTypeError(f"{_shown(value)} is not a pair of names: {_PAIR_HELP}")
+        # No name starts or ends with a space: "alice, bob" means bob.
+        names = [n.strip() for n in names]
+        if not all(names):
+            raise argparse.ArgumentTypeError(f"{_shown(value)} is not a pair of names: {_PAIR_HELP}")
+    return conversation_scope(*names)
 
 
 def _is_utf8(value: str) -> bool:
@@ -274,11 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--type", action="append", type=_types, metavar="TYPE",
-        help="login, join, chat or leave (or a full type name); repeatable or comma-separated",
+        help="login, join, leave, chat, pm, create or read (or a full type name); repeatable or comma-separated",
     )
     what.add_argument(
-        "--room", action="append", type=_text, metavar="ROOM",
-        help="events in this room (logins have none; everything is in 'lobby' today); repeatable",
+        "--room", action="append", type=_room, metavar="ROOM",
+        help="events in this room, any case ('lobby': the lobby's joins, leaves and chats); repeatable",
+    )
+    what.add_argument(
+        "--conversation", action="append", type=_conversation, metavar="A,B",
+        help="the private messages between users A and B (either order; exact case); repeatable. "
+        "With --room, events in any of them. A name holding a comma: '[\"a,b\",\"c\"]'",
     )
     what.add_argument("--limit", type=_count, metavar="N", help="stop after the first N events")
     what.add_argument("--tail", type=_count, metavar="N", help="only the last N events (then new ones with --follow)")
@@ -320,13 +425,14 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> O
         parser.error("--follow does not combine with --until")
     if args.since is not None and args.until is not None and args.since >= args.until:
         parser.error("--since must be earlier than --until")
-    for option, values in (("--user", args.user), ("--room", args.room)):
+    for option, values in (("--user", args.user), ("--room", args.room), ("--conversation", args.conversation)):
         if values and len(set(values)) > MAX_VALUES:
             parser.error(f"at most {MAX_VALUES} different values of {option}")
     types = tuple(dict.fromkeys(t for group in args.type for t in group)) if args.type else None
-    # The transcript leaves logins out unless they are asked for: each one
-    # is followed by a join in the same commit.
-    exclude = (UserLoggedIn.type,) if args.format == "text" and types is None else ()
+    exclude = TEXT_HIDDEN if args.format == "text" and types is None else ()
+    # Rooms and conversations are one filter, on the scope column: an event
+    # in any of those given.
+    scopes = [*(args.room or ()), *(args.conversation or ())]
     flt = dict(
         after=args.after,
         since=args.since,
@@ -334,7 +440,7 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> O
         types=types,
         exclude_types=exclude,
         streams=tuple(dict.fromkeys(user_stream(u) for u in args.user)) if args.user else None,
-        rooms=tuple(dict.fromkeys(args.room)) if args.room else None,
+        scopes=tuple(dict.fromkeys(scopes)) if scopes else None,
     )
     if args.color == "auto":
         color = sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
@@ -430,13 +536,15 @@ def _progress_stream() -> TextIO | None:
 class Replay:
     """What both backends share: the filter, the count, the output, progress."""
 
-    def __init__(self, options: Options, out: Output, progress: Progress) -> None:
+    def __init__(self, options: Options, out: Output, progress: Progress, *, has_scope: bool) -> None:
         from .store import ReplayFilter
 
         self.options = options
         self.out = out
         self.progress = progress
-        self.filter = ReplayFilter(**options.filter)
+        # A log never upgraded to the scope column still reads: its scopes are
+        # what the migration would backfill (only the lobby's).
+        self.filter = ReplayFilter(**options.filter, legacy=not has_scope)
         self.renderer: Renderer = renderer_for(options.format, color=options.color, header=options.header)
         self.remaining = options.limit
         self.last_position = 0  # of the last event written
@@ -511,10 +619,21 @@ def open_sqlite(url: str) -> sqlite3.Connection:
 
 
 def replay_sqlite(options: Options, out: Output, progress: Progress) -> None:
-    from .store import replay_sqlite_head, replay_sqlite_jsonl, replay_sqlite_rows, replay_sqlite_tail_after
+    from .store import (
+        replay_sqlite_has_scope,
+        replay_sqlite_head,
+        replay_sqlite_jsonl,
+        replay_sqlite_rows,
+        replay_sqlite_tail_after,
+    )
 
     conn = open_sqlite(options.url)
-    job = Replay(options, out, progress)
+    try:
+        has_scope = replay_sqlite_has_scope(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise ReplayError(EXIT_UNREACHABLE, f"cannot read {sqlite_path(options.url)}: {exc}") from None
+    job = Replay(options, out, progress, has_scope=has_scope)
 
     def dump(f: ReplayFilter) -> None:
         if job.satisfied:
@@ -604,10 +723,15 @@ async def replay_pg(options: Options, out: Output, progress: Progress) -> None:
 
     import asyncpg
 
-    from .store import replay_pg_head, replay_pg_rows, replay_pg_tail_after
+    from .store import replay_pg_has_scope, replay_pg_head, replay_pg_rows, replay_pg_tail_after
 
     conn = await connect_pg(options.url)
-    job = Replay(options, out, progress)
+    try:
+        has_scope = await replay_pg_has_scope(conn)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        conn.terminate()
+        raise ReplayError(EXIT_UNREACHABLE, f"lost the PostgreSQL database: {_one_line(exc)}") from None
+    job = Replay(options, out, progress, has_scope=has_scope)
 
     async def dump(f: ReplayFilter) -> None:
         if job.satisfied:

@@ -1,12 +1,12 @@
 """How chat-replay prints events: a text transcript, jsonl or csv.
 
-Renderers take chunks of ReplayRows ([position, stream, type, time, payload],
-see store.py) and return UTF-8 bytes, every line ending in a newline.
+Renderers take chunks of ReplayRows ([position, stream, type, time, payload,
+scope], see store.py) and return UTF-8 bytes, every line ending in a newline.
 
 jsonl is the stable, documented schema: one object per line,
-``{"position", "stream", "type", "time", "payload"}``, payload keys in the
-order the server writes them (the event's fields), whatever the backend: on
-SQLite the database renders these lines itself (store.replay_sqlite_jsonl),
+``{"position", "stream", "type", "time", "payload", "scope"}``, payload keys in
+the order the server writes them (the event's fields), whatever the backend:
+on SQLite the database renders these lines itself (store.replay_sqlite_jsonl),
 and JsonlRenderer produces the same bytes from rows.
 """
 
@@ -22,11 +22,20 @@ import orjson
 
 from .events import EVENT_TYPES, LOBBY, MessagePosted, UserJoined, UserLeft, UserLoggedIn
 
+# The event types rooms and private messages brought (rooms-protocol, "Log").
+ROOM_CREATED = "RoomCreated"
+ROOM_JOINED = "RoomJoined"
+ROOM_LEFT = "RoomLeft"
+PRIVATE_MESSAGE_SENT = "PrivateMessageSent"
+CONVERSATION_READ = "ConversationRead"
+
 if TYPE_CHECKING:  # store.py imports SQLAlchemy: too slow for a CLI that only prints --help
     from .store import ReplayRow
 
 FORMATS = ("text", "jsonl", "csv")
-CSV_COLUMNS = ("position", "stream", "type", "time", "payload")
+# scope came with rooms: last, so that a reader of the first five columns by
+# index reads what it always did.
+CSV_COLUMNS = ("position", "stream", "type", "time", "payload", "scope")
 
 # The payload fields of each event type, in the order the server writes them.
 _FIELDS: dict[str, tuple[str, ...]] = {
@@ -71,16 +80,18 @@ class JsonlRenderer:
                         "type": type_,
                         "time": time,
                         "payload": written_order(type_, payload),
+                        "scope": scope,
                     },
                     option=orjson.OPT_APPEND_NEWLINE,
                 )
-                for position, stream, type_, time, payload in rows
+                for position, stream, type_, time, payload, scope in rows
             ]
         )
 
 
 class CsvRenderer:
-    """Columns position,stream,type,time,payload (payload as compact JSON); lines end in \\n."""
+    """Columns position,stream,type,time,payload,scope (payload as compact JSON,
+    scope empty when the event has none); lines end in \\n."""
 
     def __init__(self, *, header: bool = True) -> None:
         self._header = header
@@ -92,8 +103,8 @@ class CsvRenderer:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerows(
-            (position, stream, type_, time, orjson.dumps(written_order(type_, payload)).decode())
-            for position, stream, type_, time, payload in rows
+            (position, stream, type_, time, orjson.dumps(written_order(type_, payload)).decode(), scope)
+            for position, stream, type_, time, payload, scope in rows
         )
         return buffer.getvalue().encode()
 
@@ -131,10 +142,16 @@ class TextRenderer:
     2026-11-25 21:55:13Z <alice> hello
     2026-11-25 21:55:14Z * bob joined
     2026-11-25 21:55:20Z * bob left (disconnected)
+    2026-11-25 21:56:02Z [Dev] * alice created the room (topic: Python)
+    2026-11-25 21:56:05Z [Dev] <alice> hi
+    2026-11-25 21:56:09Z <alice -> bob> psst
 
-    Logins print as ``* alice logged in (node local, session 3f2a...)`` (or
-    ``resumed``) when asked for; events in another room than the lobby carry
-    ``#room`` before the name.
+    The lobby's lines carry no room, exactly as before rooms (a log from then
+    prints as it did); every other room's carry ``[Room]`` (its canonical
+    name) first: brackets, since a room's name may hold spaces. A private
+    message shows both parties, sender first. Logins print as ``* alice
+    logged in (node local, session 3f2a...)`` (or ``resumed``) and read
+    markers as ``* alice read up to 812`` when asked for.
     """
 
     def __init__(self, *, color: bool = False) -> None:
@@ -149,28 +166,43 @@ class TextRenderer:
     def _paint(self, style: str, text: str) -> str:
         return f"{style}{text}{_RESET}" if self.color else text
 
+    def _said(self, head: str, stamp: str, where: str, who: str, message: Any) -> str:
+        # A message's further lines are indented under its first.
+        indent = "\n" + " " * (len(stamp) + 1 + len(where) + len(who) + 1)
+        text = str(message)
+        if _MESSAGE_CONTROL.search(text):
+            text = text.translate(_MESSAGE_TABLE)
+        if "\n" in text:
+            text = text.replace("\n", indent)
+        return f"{head}{where}{self._paint(_BOLD, who)} {text}\n"
+
     def line(self, row: ReplayRow) -> str:
-        _position, _stream, type_, time, payload = row
+        type_, time, payload = row[2], row[3], row[4]
         stamp = f"{time[:10]} {time[11:19]}Z"
         head = self._paint(_DIM, stamp) + " "
         try:
             room = payload.get("room")
-            where = "" if room in (None, LOBBY) else f"#{_name(room)} "
+            where = "" if room in (None, "", LOBBY) else f"[{_name(room)}] "
             if type_ == MessagePosted.type:
-                sender = f"<{_name(payload['sender'])}>"
-                indent = "\n" + " " * (len(stamp) + 1 + len(where) + len(sender) + 1)
-                message = str(payload["message"])
-                if _MESSAGE_CONTROL.search(message):
-                    message = message.translate(_MESSAGE_TABLE)
-                if "\n" in message:
-                    message = message.replace("\n", indent)
-                return f"{head}{where}{self._paint(_BOLD, sender)} {message}\n"
-            if type_ == UserJoined.type:
+                return self._said(head, stamp, where, f"<{_name(payload['sender'])}>", payload["message"])
+            if type_ == PRIVATE_MESSAGE_SENT:
+                who = f"<{_name(payload['sender'])} -> {_name(payload['recipient'])}>"
+                return self._said(head, stamp, "", who, payload["message"])
+            if type_ in (UserJoined.type, ROOM_JOINED):
                 return head + self._paint(_JOINED, f"{where}* {_name(payload['name'])} joined") + "\n"
-            if type_ == UserLeft.type:
+            if type_ in (UserLeft.type, ROOM_LEFT):
                 reason = payload.get("reason")
                 because = f" ({_name(reason)})" if reason else ""
                 return head + self._paint(_LEFT, f"{where}* {_name(payload['name'])} left{because}") + "\n"
+            if type_ == ROOM_CREATED:
+                topic = payload.get("topic")
+                about = f" (topic: {_name(topic)})" if topic else ""
+                return head + self._paint(_JOINED, f"{where}* {_name(payload['creator'])} created the room{about}") + "\n"
+            if type_ == CONVERSATION_READ:
+                peer = payload.get("peer")
+                what = f" the conversation with {_name(peer)}" if peer else ""
+                reader = _name(payload["name"])
+                return head + self._paint(_OTHER, f"{where}* {reader} read{what} up to {_name(payload['position'])}") + "\n"
             if type_ == UserLoggedIn.type:
                 verb = "resumed" if payload.get("resumed") else "logged in"
                 details = f"node {_name(payload.get('node'))}, session {_name(payload.get('session'))}"

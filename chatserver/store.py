@@ -468,10 +468,15 @@ from dataclasses import replace as _dataclass_replace  # noqa: E402
 
 REPLAY_CHUNK = 4096
 
-# A row for chat-replay: [position, stream, type, time, payload], where time is
-# ISO 8601 UTC with microseconds and a Z ("2026-11-25T21:55:13.204518Z") and
-# payload is the parsed JSON object.
+# A row for chat-replay: [position, stream, type, time, payload, scope], where
+# time is ISO 8601 UTC with microseconds and a Z ("2026-11-25T21:55:13.204518Z"),
+# payload is the parsed JSON object and scope the events table's scope column
+# ("room:<casefolded room>", "dm:<a>\t<b>", or None).
 ReplayRow = list[Any]
+
+# The events whose scope migration 0005 backfills as the lobby's: the only
+# room-scoped events a log written before rooms holds.
+_LEGACY_LOBBY_TYPES = ("UserJoined", "UserLeft", "MessagePosted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,7 +490,18 @@ class ReplayFilter:
     types: tuple[str, ...] | None = None  # type IN types
     exclude_types: tuple[str, ...] = ()  # type NOT IN exclude_types
     streams: tuple[str, ...] | None = None  # stream IN streams
-    rooms: tuple[str, ...] | None = None  # payload's room IN rooms
+    scopes: tuple[str, ...] | None = None  # scope IN scopes ("room:dev", "dm:alice\tbob")
+    # The log has no scope column (it was never upgraded past migration
+    # 0004): scope is computed as the migration would backfill it.
+    legacy: bool = False
+
+
+def _scope_sql(f: ReplayFilter) -> str:
+    """The scope of a row, as SQL both databases understand."""
+    if not f.legacy:
+        return "scope"
+    types = ", ".join(f"'{t}'" for t in _LEGACY_LOBBY_TYPES)
+    return f"(CASE WHEN type IN ({types}) THEN 'room:lobby' END)"
 
 
 def _replay_where(f: ReplayFilter, dialect: str) -> tuple[str, list[Any]]:
@@ -519,9 +535,10 @@ def _replay_where(f: ReplayFilter, dialect: str) -> tuple[str, list[Any]]:
         clauses.append(f"type NOT IN {one_of(f.exclude_types)}")
     if f.streams is not None:
         clauses.append(f"stream IN {one_of(f.streams)}")
-    if f.rooms is not None:
-        room = "json_extract(payload, '$.room')" if dialect == "sqlite" else "payload->>'room'"
-        clauses.append(f"{room} IN {one_of(f.rooms)}")
+    if f.scopes is not None:
+        # Rooms and conversations by the indexed scope column, not by payload
+        # fields: one equality per value, case folded once by the caller.
+        clauses.append(f"{_scope_sql(f)} IN {one_of(f.scopes)}")
     return " AND ".join(clauses), params
 
 
@@ -529,15 +546,27 @@ def _replay_where(f: ReplayFilter, dialect: str) -> tuple[str, list[Any]]:
 # latest commit, which is what --follow needs under WAL).
 
 _SQLITE_TIME = "replace(recorded_at, ' ', 'T') || 'Z'"
-_SQLITE_JSONL_LINE = (
-    "json_object('position', position, 'stream', stream, 'type', type, "
-    f"'time', {_SQLITE_TIME}, 'payload', json(payload))"
-)
-_SQLITE_ROW_ARRAY = f"json_array(position, stream, type, {_SQLITE_TIME}, json(payload))"
+
+
+def _sqlite_jsonl_line(f: ReplayFilter) -> str:
+    # scope last: the key jsonl gained with rooms, after the five it always had.
+    return (
+        "json_object('position', position, 'stream', stream, 'type', type, "
+        f"'time', {_SQLITE_TIME}, 'payload', json(payload), 'scope', {_scope_sql(f)})"
+    )
+
+
+def _sqlite_row_array(f: ReplayFilter) -> str:
+    return f"json_array(position, stream, type, {_SQLITE_TIME}, json(payload), {_scope_sql(f)})"
 
 
 def replay_sqlite_tables(conn: Any) -> set[str]:
     return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def replay_sqlite_has_scope(conn: Any) -> bool:
+    """Whether the events table has its scope column (migration 0005)."""
+    return any(row[1] == "scope" for row in conn.execute("PRAGMA table_info(events)"))
 
 
 def replay_sqlite_head(conn: Any) -> int:
@@ -593,17 +622,17 @@ def replay_sqlite_jsonl(
 ) -> Iterator[tuple[bytes, int, int]]:
     """The matching events as jsonl, chunk by chunk: (UTF-8 lines, count, last position).
 
-    Each line is {"position", "stream", "type", "time", "payload"}, rendered
+    Each line is {"position", "stream", "type", "time", "payload", "scope"}, rendered
     by SQLite; every line ends in a newline.
     """
-    yield from _sqlite_chunks(conn, f, _SQLITE_JSONL_LINE, _SQLITE_JSONL_GLUE, limit, chunk)
+    yield from _sqlite_chunks(conn, f, _sqlite_jsonl_line(f), _SQLITE_JSONL_GLUE, limit, chunk)
 
 
 def replay_sqlite_rows(
     conn: Any, f: ReplayFilter, *, limit: int | None = None, chunk: int = REPLAY_CHUNK
 ) -> Iterator[list[ReplayRow]]:
     """The matching events as ReplayRows, chunk by chunk."""
-    for text, _count, _last in _sqlite_chunks(conn, f, _SQLITE_ROW_ARRAY, _SQLITE_ROWS_GLUE, limit, chunk):
+    for text, _count, _last in _sqlite_chunks(conn, f, _sqlite_row_array(f), _SQLITE_ROWS_GLUE, limit, chunk):
         yield orjson.loads(text)
 
 
@@ -617,6 +646,16 @@ async def replay_pg_tables(conn: Any) -> set[str]:
         "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = ANY (current_schemas(false))"
     )
     return {r[0] for r in rows}
+
+
+async def replay_pg_has_scope(conn: Any) -> bool:
+    """Whether the events table has its scope column (migration 0005)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'events' "
+            "AND column_name = 'scope' AND table_schema = ANY (current_schemas(false))"
+        )
+    )
 
 
 async def replay_pg_head(conn: Any) -> int:
@@ -645,7 +684,7 @@ async def replay_pg_rows(
     """
     where, params = _replay_where(f, "postgresql")
     sql = (
-        f"SELECT position, stream, type, {_PG_TIME}, payload::text FROM events "
+        f"SELECT position, stream, type, {_PG_TIME}, payload::text, {_scope_sql(f)} FROM events "
         f"WHERE {where} ORDER BY position"
     )
     if limit is not None:
@@ -654,4 +693,4 @@ async def replay_pg_rows(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         cursor = await conn.cursor(sql, *params)
         while rows := await cursor.fetch(chunk):
-            yield [[r[0], r[1], r[2], r[3], orjson.loads(r[4])] for r in rows]
+            yield [[r[0], r[1], r[2], r[3], orjson.loads(r[4]), r[5]] for r in rows]
