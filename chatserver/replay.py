@@ -30,17 +30,20 @@ from urllib.parse import quote
 import orjson
 
 from .config import database_url_from_env
-from .events import EVENT_TYPES, LOBBY, MessagePosted, UserJoined, UserLeft, UserLoggedIn, user_stream
-from .replay_format import (
-    CONVERSATION_READ,
-    FORMATS,
-    PRIVATE_MESSAGE_SENT,
-    ROOM_CREATED,
-    ROOM_JOINED,
-    ROOM_LEFT,
-    Renderer,
-    renderer_for,
+from .events import (
+    EVENT_TYPES,
+    TYPE_ALIASES,
+    ConversationRead,
+    RoomJoined,
+    RoomLeft,
+    UserJoined,
+    UserLeft,
+    UserLoggedIn,
+    private_scope,
+    room_scope,
+    user_stream,
 )
+from .replay_format import FORMATS, Renderer, renderer_for
 
 if TYPE_CHECKING:
     from .store import ReplayFilter
@@ -249,24 +252,22 @@ def _seconds(value: str) -> float:
     return seconds
 
 
-# The short names --type takes, by what happened: a join is a join to the
-# lobby or to a room, so that --type join --room dev shows dev's joins.
+# The short names --type takes (events.TYPE_ALIASES: login, join, chat,
+# leave, room-created, room-join, room-leave, private, read), but join and
+# leave mean a join or a leave of any room, the lobby's or another's, so that
+# --room dev --type join shows dev's joins (room-join: only rooms' joins; the
+# full name UserJoined: only the lobby's).
 TYPE_GROUPS: dict[str, tuple[str, ...]] = {
-    "login": (UserLoggedIn.type,),
-    "join": (UserJoined.type, ROOM_JOINED),
-    "leave": (UserLeft.type, ROOM_LEFT),
-    "chat": (MessagePosted.type,),
-    "pm": (PRIVATE_MESSAGE_SENT,),
-    "create": (ROOM_CREATED,),
-    "read": (CONVERSATION_READ,),
+    **{alias: (name,) for alias, name in TYPE_ALIASES.items()},
+    "join": (UserJoined.type, RoomJoined.type),
+    "leave": (UserLeft.type, RoomLeft.type),
 }
-_FULL_NAMES = dict.fromkeys([*EVENT_TYPES, *(t for group in TYPE_GROUPS.values() for t in group)])
 # The short names and the full type names (each alone), any case.
-_TYPE_NAMES = {**TYPE_GROUPS, **{t.lower(): (t,) for t in _FULL_NAMES}}
+_TYPE_NAMES = {**TYPE_GROUPS, **{t.lower(): (t,) for t in EVENT_TYPES}}
 
 # What the transcript leaves out unless --type asks for it: a login is
 # followed by a join in the same commit, and read markers are bookkeeping.
-TEXT_HIDDEN = (UserLoggedIn.type, CONVERSATION_READ)
+TEXT_HIDDEN = (UserLoggedIn.type, ConversationRead.type)
 
 
 def _types(value: str) -> list[str]:
@@ -295,22 +296,10 @@ def _user(value: str) -> str:
     return unicodedata.normalize("NFC", _text(value))
 
 
-def room_scope(name: str) -> str:
-    """The scope column's value for a room: rooms are one case-insensitively,
-    and the server keys them by the case folded NFC name ("lobby" too)."""
-    return "room:" + unicodedata.normalize("NFC", name).casefold()
-
-
-def conversation_scope(a: str, b: str) -> str:
-    """The scope column's value for the private messages between two users:
-    both names (NFC, exact case), sorted by code point, a tab between (no
-    name may hold a tab)."""
-    first, second = sorted((unicodedata.normalize("NFC", a), unicodedata.normalize("NFC", b)))
-    return f"dm:{first}\t{second}"
-
-
 def _room(value: str) -> str:
-    return room_scope(_text(value))
+    # The scope column holds the server's key of the room (events.room_scope:
+    # case folded, NFC), computed from the NFC name as the server has it.
+    return room_scope(unicodedata.normalize("NFC", _text(value)))
 
 
 _PAIR_HELP = 'give two names, A,B; when a name holds a comma, give the pair as JSON: \'["a,b","c"]\''
@@ -336,7 +325,8 @@ def _conversation(value: str) -> str:
         names = [n.strip() for n in names]
         if not all(names):
             raise argparse.ArgumentTypeError(f"{_shown(value)} is not a pair of names: {_PAIR_HELP}")
-    return conversation_scope(*names)
+    # Names are matched in NFC, as the server stores them; private_scope sorts the pair.
+    return private_scope(*(unicodedata.normalize("NFC", n) for n in names))
 
 
 def _is_utf8(value: str) -> bool:
@@ -370,11 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--user", action="append", type=_user, metavar="NAME",
-        help="events about this user (stream user-NAME: logins, joins, chats, leaves); repeatable",
+        help="events about this user (stream user-NAME: logins, joins, leaves, chats, private messages sent); repeatable",
     )
     what.add_argument(
         "--type", action="append", type=_types, metavar="TYPE",
-        help="login, join, leave, chat, pm, create or read (or a full type name); repeatable or comma-separated",
+        help="login, join, leave, chat, private, room-created, room-join, room-leave or read "
+        "(or a full type name); repeatable or comma-separated",
     )
     what.add_argument(
         "--room", action="append", type=_room, metavar="ROOM",

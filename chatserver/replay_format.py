@@ -20,14 +20,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from .events import EVENT_TYPES, LOBBY, MessagePosted, UserJoined, UserLeft, UserLoggedIn
-
-# The event types rooms and private messages brought (rooms-protocol, "Log").
-ROOM_CREATED = "RoomCreated"
-ROOM_JOINED = "RoomJoined"
-ROOM_LEFT = "RoomLeft"
-PRIVATE_MESSAGE_SENT = "PrivateMessageSent"
-CONVERSATION_READ = "ConversationRead"
+from .events import (
+    EVENT_TYPES,
+    LOBBY,
+    ConversationRead,
+    MessagePosted,
+    PrivateMessageSent,
+    RoomCreated,
+    RoomJoined,
+    RoomLeft,
+    UserJoined,
+    UserLeft,
+    UserLoggedIn,
+)
 
 if TYPE_CHECKING:  # store.py imports SQLAlchemy: too slow for a CLI that only prints --help
     from .store import ReplayRow
@@ -185,20 +190,20 @@ class TextRenderer:
             where = "" if room in (None, "", LOBBY) else f"[{_name(room)}] "
             if type_ == MessagePosted.type:
                 return self._said(head, stamp, where, f"<{_name(payload['sender'])}>", payload["message"])
-            if type_ == PRIVATE_MESSAGE_SENT:
+            if type_ == PrivateMessageSent.type:
                 who = f"<{_name(payload['sender'])} -> {_name(payload['recipient'])}>"
                 return self._said(head, stamp, "", who, payload["message"])
-            if type_ in (UserJoined.type, ROOM_JOINED):
+            if type_ in (UserJoined.type, RoomJoined.type):
                 return head + self._paint(_JOINED, f"{where}* {_name(payload['name'])} joined") + "\n"
-            if type_ in (UserLeft.type, ROOM_LEFT):
+            if type_ in (UserLeft.type, RoomLeft.type):
                 reason = payload.get("reason")
                 because = f" ({_name(reason)})" if reason else ""
                 return head + self._paint(_LEFT, f"{where}* {_name(payload['name'])} left{because}") + "\n"
-            if type_ == ROOM_CREATED:
+            if type_ == RoomCreated.type:
                 topic = payload.get("topic")
                 about = f" (topic: {_name(topic)})" if topic else ""
                 return head + self._paint(_JOINED, f"{where}* {_name(payload['creator'])} created the room{about}") + "\n"
-            if type_ == CONVERSATION_READ:
+            if type_ == ConversationRead.type:
                 peer = payload.get("peer")
                 what = f" the conversation with {_name(peer)}" if peer else ""
                 reader = _name(payload["name"])

@@ -107,6 +107,7 @@ class Row:
     time: str  # ISO 8601 UTC with microseconds and Z
     payload_text: str  # as stored (SQLite) or re-encoded in writer order (PostgreSQL)
     payload: dict[str, Any]
+    scope: str | None  # the events table's scope column
 
     @property
     def stamp(self) -> str:
@@ -114,15 +115,21 @@ class Row:
 
     def jsonl(self) -> str:
         return (
-            f'{{"position":{self.position},"stream":{json.dumps(self.stream)},"type":{json.dumps(self.type)},'
-            f'"time":{json.dumps(self.time)},"payload":{self.payload_text}}}'
+            f'{{"position":{self.position},"stream":{js(self.stream)},"type":{js(self.type)},'
+            f'"time":{js(self.time)},"payload":{self.payload_text},"scope":{js(self.scope)}}}'
         )
+
 
     def text(self) -> str:
         if self.type == "UserLoggedIn":
             p = self.payload
             return f"{self.stamp} * {p['name']} logged in (node {p['node']}, session {p['session']})"
         return f"{self.stamp} {TEXT[self.position]}"
+
+
+def js(value: Any) -> str:
+    """JSON as chat-replay writes it: compact, UTF-8 as is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def iso(moment: datetime) -> str:
@@ -133,11 +140,11 @@ def sqlite_rows(url: str) -> list[Row]:
     path = url.split(":///", 1)[1]
     with sqlite3.connect(path) as conn:
         rows = conn.execute(
-            "SELECT position, stream, type, recorded_at, payload FROM events ORDER BY position"
+            "SELECT position, stream, type, recorded_at, payload, scope FROM events ORDER BY position"
         ).fetchall()
     return [
-        Row(p, s, t, iso(datetime.fromisoformat(r).replace(tzinfo=UTC)), payload, json.loads(payload))
-        for p, s, t, r, payload in rows
+        Row(p, s, t, iso(datetime.fromisoformat(r).replace(tzinfo=UTC)), payload, json.loads(payload), scope)
+        for p, s, t, r, payload, scope in rows
     ]
 
 
@@ -147,8 +154,10 @@ def check_scenario(rows: list[Row]) -> None:
         assert (row.position, row.stream, row.type) == (position, f"user-{user}", type_)
         if payload is None:
             assert list(row.payload)[:3] == ["name", "session", "node"] and row.payload["name"] == user
+            assert row.scope is None
         else:
             assert row.payload == payload and list(row.payload) == list(payload)
+            assert row.scope == "room:lobby"
 
 
 @dataclass
@@ -215,7 +224,7 @@ SHOWN = [p for p in ALL if p not in LOGINS]  # the transcript leaves logins out
 
 def csv_line(r: Row) -> str:
     quoted = r.payload_text.replace('"', '""')
-    return f'{r.position},{r.stream},{r.type},{r.time},"{quoted}"\n'
+    return f'{r.position},{r.stream},{r.type},{r.time},"{quoted}",{r.scope or ""}\n'
 
 
 def test_formats_exact(log: Log) -> None:
@@ -229,10 +238,10 @@ def test_formats_exact(log: Log) -> None:
     # jsonl is the documented schema: these keys, these types.
     for line, row in zip(jsonl.stdout.splitlines(), log.rows, strict=True):
         obj = json.loads(line)
-        assert list(obj) == ["position", "stream", "type", "time", "payload"]
+        assert list(obj) == ["position", "stream", "type", "time", "payload", "scope"]
         assert obj["position"] == row.position and obj["payload"] == row.payload
         assert obj["time"].endswith("Z") and datetime.fromisoformat(obj["time"]).tzinfo is not None
-    header = "position,stream,type,time,payload\n"
+    header = "position,stream,type,time,payload,scope\n"
     assert ok(csv_out) == header + "".join(csv_line(r) for r in log.rows)
     assert ok(bare_csv) == "".join(csv_line(r) for r in log.at(5, 6, 7, 11))
     ten, eleven = log.at(10, 11)
@@ -271,7 +280,7 @@ def test_transcript_escapes_control_characters() -> None:
     assert TextRenderer().render(rows).decode() == (
         "2026-11-25 21:55:13Z <a\\x1bb> \\x1b[31mred\\x07\n"
         + " " * len("2026-11-25 21:55:13Z <a\\x1bb> ") + "\tnext\\x85\n"
-        "2026-11-25 21:55:13Z #dev * bob joined\n"
+        "2026-11-25 21:55:13Z [dev] * bob joined\n"
         '2026-11-25 21:55:13Z * SomethingNew {"name":"\\u001b"}\n'
         '2026-11-25 21:55:13Z * UserLeft {"nom":"bob"}\n'
         "2026-11-25 21:55:13Z <\\u202eeve> hi \\u2066x\\u2069\\u2028y\\u200f\n"
@@ -720,12 +729,12 @@ async def pg_rows(url: str) -> list[Row]:
     conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
         records = await conn.fetch(
-            "SELECT position, stream, type, recorded_at, payload::text FROM events ORDER BY position"
+            "SELECT position, stream, type, recorded_at, payload::text, scope FROM events ORDER BY position"
         )
     finally:
         await conn.close()
     rows = []
-    for position, stream, type_, recorded_at, payload_text in records:
+    for position, stream, type_, recorded_at, payload_text, scope in records:
         payload = json.loads(payload_text)
         if type_ != "UserLoggedIn":  # the scenario's literal key order
             payload = next(p for pos, _, _, p in SCENARIO if pos == position) or payload
@@ -733,7 +742,7 @@ async def pg_rows(url: str) -> list[Row]:
         else:
             payload = written_order(type_, payload)
         text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-        rows.append(Row(position, stream, type_, iso(recorded_at), text, payload))
+        rows.append(Row(position, stream, type_, iso(recorded_at), text, payload, scope))
     return rows
 
 
