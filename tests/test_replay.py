@@ -23,7 +23,7 @@ import pytest
 
 from chatserver.database import create_engine
 from chatserver.store import EventStore
-from tests.support import Client, free_port, migrated_sqlite, running_server, settings_for
+from tests.support import Client, alembic, free_port, migrated_sqlite, running_server, settings_for, sqlite_url
 
 REPLAY_SCRIPT = Path(sys.executable).parent / "chat-replay"
 REPLAY = [str(REPLAY_SCRIPT)] if REPLAY_SCRIPT.exists() else [sys.executable, "-m", "chatserver.replay"]
@@ -224,7 +224,10 @@ SHOWN = [p for p in ALL if p not in LOGINS]  # the transcript leaves logins out
 
 def csv_line(r: Row) -> str:
     quoted = r.payload_text.replace('"', '""')
-    return f'{r.position},{r.stream},{r.type},{r.time},"{quoted}",{r.scope or ""}\n'
+    scope = r.scope or ""
+    if any(c in scope for c in ',"\n'):  # a name may hold a comma or a quote
+        scope = '"' + scope.replace('"', '""') + '"'
+    return f'{r.position},{r.stream},{r.type},{r.time},"{quoted}",{scope}\n'
 
 
 def test_formats_exact(log: Log) -> None:
@@ -844,3 +847,307 @@ def test_postgres_missing_or_unmigrated_database_exit_3(postgres: Any) -> None:
     missing = bare.rsplit("/", 1)[0] + "/no_such_db"
     result = replay(missing)
     assert result.returncode == 3 and "no_such_db" in result.stderr and result.stderr.count("\n") == 1
+
+
+# -- rooms and private messages (issue 12) ---------------------------------------
+
+CAFE = "Caf\u00e9 Stra\u00dfe"  # a space, an accent, and an ß that casefolds to "ss"
+CAFE_SCOPE = "room:caf\u00e9 strasse"
+ALICE_BOB = "dm:alice\tbob"
+ALICE_XY = "dm:alice\tx,y"
+
+# (position, stream, type, payload in writer order (None: a login), scope,
+# transcript line after the time (None: hidden by default)).
+ROOMS: list[tuple[int, str, str, dict[str, Any] | None, str | None, str | None]] = [
+    (1, "user-alice", "UserLoggedIn", None, None, None),
+    (2, "user-alice", "UserJoined", {"name": "alice", "room": "lobby"}, "room:lobby", "* alice joined"),
+    (3, "user-bob", "UserLoggedIn", None, None, None),
+    (4, "user-bob", "UserJoined", {"name": "bob", "room": "lobby"}, "room:lobby", "* bob joined"),
+    (5, "user-x,y", "UserLoggedIn", None, None, None),
+    (6, "user-x,y", "UserJoined", {"name": "x,y", "room": "lobby"}, "room:lobby", "* x,y joined"),
+    (7, "room-dev", "RoomCreated", {"room": "Dev", "creator": "alice", "topic": "Python"}, "room:dev",
+     "[Dev] * alice created the room (topic: Python)"),
+    (8, "user-alice", "RoomJoined", {"name": "alice", "room": "Dev"}, "room:dev", "[Dev] * alice joined"),
+    (9, "user-bob", "RoomJoined", {"name": "bob", "room": "Dev"}, "room:dev", "[Dev] * bob joined"),
+    (10, "user-alice", "MessagePosted", {"sender": "alice", "message": "hi dev\nline two", "room": "Dev"}, "room:dev",
+     "[Dev] <alice> hi dev\n" + " " * len("2026-11-25 21:55:13Z [Dev] <alice> ") + "line two"),
+    (11, "user-bob", "MessagePosted", {"sender": "bob", "message": "lobby hello", "room": "lobby"}, "room:lobby",
+     "<bob> lobby hello"),
+    (12, "room-caf\u00e9 strasse", "RoomCreated", {"room": CAFE, "creator": "bob", "topic": ""}, CAFE_SCOPE,
+     f"[{CAFE}] * bob created the room"),
+    (13, "user-bob", "RoomJoined", {"name": "bob", "room": CAFE}, CAFE_SCOPE, f"[{CAFE}] * bob joined"),
+    (14, "user-bob", "MessagePosted", {"sender": "bob", "message": "tea?", "room": CAFE}, CAFE_SCOPE,
+     f"[{CAFE}] <bob> tea?"),
+    (15, "user-alice", "PrivateMessageSent", {"sender": "alice", "recipient": "bob", "message": "psst"}, ALICE_BOB,
+     "<alice -> bob> psst"),
+    (16, "user-bob", "PrivateMessageSent", {"sender": "bob", "recipient": "alice", "message": "what?"}, ALICE_BOB,
+     "<bob -> alice> what?"),
+    (17, "user-alice", "PrivateMessageSent", {"sender": "alice", "recipient": "x,y", "message": "a comma"}, ALICE_XY,
+     "<alice -> x,y> a comma"),
+    (18, "user-bob", "ConversationRead", {"name": "bob", "position": 15, "room": "", "peer": "alice"}, None, None),
+    (19, "user-bob", "RoomLeft", {"name": "bob", "room": "Dev"}, "room:dev", "[Dev] * bob left"),
+    (20, "user-x,y", "UserLeft", {"name": "x,y", "reason": "disconnected", "room": "lobby"}, "room:lobby",
+     "* x,y left (disconnected)"),
+    (21, "user-bob", "UserLeft", {"name": "bob", "reason": "disconnected", "room": "lobby"}, "room:lobby",
+     "* bob left (disconnected)"),
+    (22, "user-alice", "UserLeft", {"name": "alice", "reason": "disconnected", "room": "lobby"}, "room:lobby",
+     "* alice left (disconnected)"),
+]
+ROOMS_ALL = [p for p, *_ in ROOMS]
+ROOMS_SHOWN = [p for p, *_, line in ROOMS if line is not None]
+DEV = [7, 8, 9, 10, 19]
+CAFE_EVENTS = [12, 13, 14]
+LOBBY_EVENTS = [2, 4, 6, 11, 20, 21, 22]
+ALICE_AND_BOB = [15, 16]
+
+
+async def write_rooms(url: str) -> None:
+    """ROOMS, through a real server and real clients speaking the rooms protocol."""
+    async with running_server(settings_for(url)) as server:
+        alice, bob, xy = [await Client(server.url).connect() for _ in range(3)]
+        for client, name in ((alice, "alice"), (bob, "bob"), (xy, "x,y")):
+            await client.login(name)
+
+        async def ok_call(client: Client, event: str, *args: Any) -> Any:
+            ack = await client.call(event, *args)
+            assert ack["ok"], (event, args, ack)
+            return ack
+
+        await ok_call(alice, "createRoom", {"room": "Dev", "topic": "Python"})
+        await ok_call(bob, "joinRoom", {"room": "dev"})  # any case names the room
+        await ok_call(alice, "chat", "hi dev\nline two", {"room": "DEV"})
+        await ok_call(bob, "chat", "lobby hello")
+        await ok_call(bob, "createRoom", {"room": CAFE})
+        await ok_call(bob, "chat", "tea?", {"room": CAFE.upper()})
+        psst = await ok_call(alice, "chat", "psst", {"to": "bob"})
+        await ok_call(bob, "chat", "what?", {"to": "alice"})
+        await ok_call(alice, "chat", "a comma", {"to": "x,y"})
+        await ok_call(bob, "markRead", {"with": "alice", "position": psst["position"]})
+        await ok_call(bob, "leaveRoom", {"room": "Dev"})
+        for leaving in (xy, bob):
+            await leaving.disconnect()
+        await alice.wait_for(lambda: alice.events("userLeft") == ["x,y", "bob"])
+        await alice.disconnect()
+        await wait_for_head(url, len(ROOMS))
+
+
+@dataclass
+class RoomsLog(Log):
+    def text(self, positions: Sequence[int]) -> str:
+        lines = {p: line for p, *_, line in ROOMS}
+        return "".join(f"{r.stamp} {lines[r.position]}\n" for r in self.at(*positions))
+
+
+def check_rooms(rows: list[Row], *, key_order: bool = True) -> None:
+    assert [r.position for r in rows] == ROOMS_ALL
+    for row, (position, stream, type_, payload, scope, _line) in zip(rows, ROOMS, strict=True):
+        assert (row.position, row.stream, row.type, row.scope) == (position, stream, type_, scope)
+        if payload is None:
+            assert row.payload["name"] == stream.removeprefix("user-")
+        else:
+            assert row.payload == payload
+            assert not key_order or list(row.payload) == list(payload)
+
+
+@pytest.fixture(scope="module")
+def rooms(tmp_path_factory: pytest.TempPathFactory) -> RoomsLog:
+    url = migrated_sqlite(tmp_path_factory.mktemp("rooms"))
+    asyncio.run(write_rooms(url))
+    rows = sqlite_rows(url)
+    check_rooms(rows)
+    return RoomsLog(url, rows)
+
+
+# (arguments, positions): every one is run in process, as jsonl.
+ROOM_FILTERS: list[tuple[list[str], list[int]]] = [
+    (["--room", "dev"], DEV),
+    (["--room", "DEV"], DEV),  # any case
+    (["--room", "Dev", "--room", "dEv"], DEV),  # one room, given twice
+    (["--room", "caf\u00e9 strasse"], CAFE_EVENTS),  # casefolded: ß is ss
+    (["--room", "CAF\u00c9 STRASSE"], CAFE_EVENTS),
+    (["--room", "Cafe\u0301 Stra\u00dfe"], CAFE_EVENTS),  # typed in NFD
+    (["--room", "cafe strasse"], []),  # an accent is not a case
+    (["--room", "Caf\u00e9"], []),  # a name, not a prefix
+    (["--room", "lobby"], LOBBY_EVENTS),
+    (["--room", "LOBBY"], LOBBY_EVENTS),
+    (["--room", "dev", "--room", "lobby"], sorted(DEV + LOBBY_EVENTS)),
+    (["--room", "nosuch"], []),
+    (["--conversation", "alice,bob"], ALICE_AND_BOB),
+    (["--conversation", "bob,alice"], ALICE_AND_BOB),  # either order
+    (["--conversation", "bob , alice"], ALICE_AND_BOB),  # no name ends in a space
+    (["--conversation", '["bob","alice"]'], ALICE_AND_BOB),
+    (["--conversation", "Alice,bob"], []),  # user names keep their case
+    (["--conversation", '["x,y","alice"]'], [17]),  # a name holding a comma
+    (["--conversation", '["alice", "x,y"]'], [17]),
+    (["--conversation", "alice,x"], []),
+    (["--conversation", "alice,bob", "--conversation", '["x,y","alice"]'], [15, 16, 17]),
+    (["--room", "dev", "--conversation", "alice,bob"], sorted(DEV + ALICE_AND_BOB)),  # any of them
+    (["--room", "dev", "--type", "chat"], [10]),
+    (["--room", "dev", "--type", "join"], [8, 9]),
+    (["--room", "lobby", "--type", "join"], [2, 4, 6]),
+    (["--type", "join"], [2, 4, 6, 8, 9, 13]),  # joins of the lobby and of rooms
+    (["--type", "leave"], [19, 20, 21, 22]),
+    (["--type", "room-join"], [8, 9, 13]),
+    (["--type", "UserJoined"], [2, 4, 6]),
+    (["--type", "room-created"], [7, 12]),
+    (["--type", "private"], [15, 16, 17]),
+    (["--type", "read"], [18]),
+    (["--type", "chat"], [10, 11, 14]),
+    (["--type", "chat,private", "--room", CAFE], [14]),
+    (["--user", "bob", "--conversation", "alice,bob"], [16]),  # a PM is in its sender's stream
+    (["--room", "dev", "--tail", "2"], [10, 19]),
+    (["--room", "dev", "--after", "9", "--limit", "1"], [10]),
+    (["--conversation", "alice,bob", "--after", "15"], [16]),
+]
+
+
+def test_room_and_conversation_filters(rooms: RoomsLog) -> None:
+    for args, positions in ROOM_FILTERS:
+        assert replay_in_process(rooms.url, "--format", "jsonl", *args) == (0, rooms.jsonl(positions), ""), args
+
+
+def test_rooms_in_every_format(rooms: RoomsLog) -> None:
+    text, dev, pms, reads, jsonl, csv_out, colour = replay_all(
+        rooms.url,
+        [[], ["--room", "DEV"], ["--conversation", "bob,alice"], ["--type", "read"],
+         ["--format", "jsonl"], ["--format", "csv", "--room", CAFE, "--conversation", '["x,y","alice"]'],
+         ["--color", "always", "--room", "dev", "--type", "chat,private", "--conversation", "alice,bob", "--limit", "2"]],
+    )
+    assert ok(text) == rooms.text(ROOMS_SHOWN)
+    assert ok(dev) == rooms.text(DEV)
+    assert ok(pms) == rooms.text(ALICE_AND_BOB)
+    assert ok(reads) == f"{rooms.at(18)[0].stamp} * bob read the conversation with alice up to 15\n"
+    assert ok(jsonl) == rooms.jsonl(ROOMS_ALL)
+    # The scope key, as the log holds it (check_rooms compared those to ROOMS).
+    scopes = [json.loads(line)["scope"] for line in jsonl.stdout.splitlines()]
+    assert scopes == [scope for _, _, _, _, scope, _ in ROOMS]
+    assert ok(csv_out) == "position,stream,type,time,payload,scope\n" + "".join(
+        csv_line(r) for r in rooms.at(12, 13, 14, 17)
+    )
+    assert csv_out.stdout.splitlines()[-1].endswith(',"dm:alice\tx,y"')
+    ten, fifteen = rooms.at(10, 15)
+    assert ok(colour) == (
+        f"\x1b[2m{ten.stamp}\x1b[0m [Dev] \x1b[1m<alice>\x1b[0m hi dev\n"
+        + " " * len("2026-11-25 21:55:13Z [Dev] <alice> ") + "line two\n"
+        f"\x1b[2m{fifteen.stamp}\x1b[0m \x1b[1m<alice -> bob>\x1b[0m psst\n"
+    )
+
+
+def test_bad_conversations_and_rooms_exit_2_with_one_line(rooms: RoomsLog) -> None:
+    cases = [
+        ["--conversation", "alice"],
+        ["--conversation", "a,b,c"],  # which comma? the JSON form says
+        ["--conversation", ",bob"],
+        ["--conversation", "alice, "],
+        ["--conversation", ""],
+        ["--conversation", "[oops"],
+        ["--conversation", '["alice"]'],
+        ["--conversation", '["a","b","c"]'],
+        ["--conversation", '["alice",1]'],
+        ["--conversation", '["alice",""]'],
+        ["--conversation", '{"a":"b"}'],
+        ["--conversation", '["\\ud800","bob"]'],  # a lone surrogate: no name
+        ["--conversation", NOT_UTF8 + ",bob"],
+        ["--room", ""],
+        ["--room", NOT_UTF8],
+        [arg for i in range(1001) for arg in ("--conversation", f"u{i},v")],
+        [arg for i in range(1001) for arg in ("--room", f"r{i}")],
+    ]
+    answers = [replay_in_process(rooms.url, *args) for args in cases]
+    real = replay(rooms.url, "--conversation", "a,b,c")  # the console script says the same
+    answers.append((real.returncode, real.stdout, real.stderr))
+    for args, (code, out, err) in zip([*cases, cases[1]], answers, strict=True):
+        shown = [a[:60] for a in args[:4]]
+        assert code == 2 and out == "", (shown, err)
+        assert err.count("\n") == 1 and err.startswith("chat-replay: "), (shown, err)
+        assert "Traceback" not in err and len(err) < 400, (shown, err)
+    for code, _, err in (answers[1], answers[-1]):
+        assert """'["a,b","c"]'""" in err, err  # how to give a name that holds a comma
+
+
+async def test_follow_a_room(db_url: str) -> None:
+    async with running_server(settings_for(db_url)) as server:
+        alice = await Client(server.url).connect()
+        await alice.login("alice")
+        assert (await alice.call("createRoom", {"room": "Ops"}))["ok"]
+        proc = await start_follow(db_url, "--format", "jsonl", "--room", "ops", "--conversation", "alice,bob")
+        try:
+            assert positions(await read_lines(proc, 2)) == [3, 4]  # created, alice joined
+            bob = await Client(server.url).connect()
+            await bob.login("bob")  # 5, 6: not in ops
+            assert (await bob.call("chat", "lobby chatter"))["ok"]  # 7
+            assert (await bob.call("chat", "not a member", {"room": "ops"}))["error"] == "not_a_member"
+            assert (await alice.call("chat", "in ops", {"room": "OPS"}))["ok"]  # 8
+            assert (await bob.call("chat", "hi alice", {"to": "alice"}))["ok"]  # 9
+            lines = await read_lines(proc, 2)
+            assert positions(lines) == [8, 9]
+            assert [json.loads(line)["scope"] for line in lines] == ["room:ops", "dm:alice\tbob"]
+            await bob.disconnect()
+            await alice.wait_for(lambda: "bob" in alice.events("userLeft"))
+        finally:
+            code, rest, err = await stop(proc)
+            await alice.disconnect()
+    assert (code, err) == (0, b""), err.decode()
+    assert rest == b""  # bob's leave is the lobby's
+
+
+def test_a_log_never_upgraded_reads_as_after_the_upgrade(tmp_path: Path) -> None:
+    """A log at revision 0004 (no scope column) still reads, its scopes what
+    migration 0005 backfills; after the upgrade the output is the same bytes."""
+    url = sqlite_url(tmp_path / "old.db")
+    result = alembic(url, "upgrade", "0004")
+    assert result.returncode == 0, result.stderr
+    insert_events(url, [
+        ("user-ann", "UserLoggedIn", '{"name":"ann","session":"s1","node":"local","resume_hash":"","resumed":false}'),
+        ("user-ann", "UserJoined", '{"name":"ann","room":"lobby"}'),
+        ("user-ann", "MessagePosted", '{"sender":"ann","message":"old times","room":"lobby"}'),
+        ("user-ann", "UserLeft", '{"name":"ann","reason":"disconnected","room":"lobby"}'),
+    ])
+    cases = [["--format", "jsonl"], ["--format", "csv"], [], ["--room", "LOBBY", "--format", "jsonl"],
+             ["--room", "dev"], ["--conversation", "ann,bob"], ["--type", "login,chat"]]
+    before = replay_all(url, cases)
+    lines = ok(before[0]).splitlines()
+    assert [json.loads(line)["scope"] for line in lines] == [None, "room:lobby", "room:lobby", "room:lobby"]
+    assert ok(before[3]) == "".join(line + "\n" for line in lines[1:])
+    assert ok(before[4]) == ok(before[5]) == ""
+    assert ok(before[2]).splitlines() == [
+        "2026-01-01 00:00:00Z * ann joined",
+        "2026-01-01 00:00:00Z <ann> old times",
+        "2026-01-01 00:00:00Z * ann left (disconnected)",
+    ]
+    result = alembic(url, "upgrade", "head")
+    assert result.returncode == 0, result.stderr
+    after = replay_all(url, cases)
+    assert [ok(r) for r in after] == [ok(r) for r in before]
+
+
+@pytest.mark.postgres
+async def test_postgres_rooms(pg_url: str) -> None:
+    import asyncpg
+
+    from chatserver.replay_format import written_order
+
+    await write_rooms(pg_url)
+    conn = await asyncpg.connect(pg_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        records = await conn.fetch(
+            "SELECT position, stream, type, recorded_at, payload::text, scope FROM events ORDER BY position"
+        )
+    finally:
+        await conn.close()
+    rows = []
+    for position, stream, type_, recorded_at, payload_text, scope in records:
+        payload = written_order(type_, json.loads(payload_text))  # jsonb keeps its own key order
+        rows.append(Row(position, stream, type_, iso(recorded_at), js(payload), payload, scope))
+    check_rooms(rows)
+    pg = RoomsLog(pg_url, rows)
+    cases = [(["--format", "jsonl"], ROOMS_ALL), *ROOM_FILTERS[:22:3]]
+    results = await asyncio.gather(
+        *(asyncio.to_thread(replay, pg_url, "--format", "jsonl", *args) for args, _ in cases),
+        asyncio.to_thread(replay, pg_url),
+        asyncio.to_thread(replay, pg_url, "--format", "csv", "--no-header", "--conversation", "alice,bob"),
+    )
+    for (args, expected), result in zip(cases, results, strict=False):
+        assert ok(result) == pg.jsonl(expected), args  # the same bytes as from SQLite
+    assert ok(results[-2]) == pg.text(ROOMS_SHOWN)
+    assert ok(results[-1]) == "".join(csv_line(r) for r in pg.at(*ALICE_AND_BOB))
