@@ -590,7 +590,16 @@ def _replay_where(f: ReplayFilter, dialect: str) -> tuple[str, list[Any]]:
     if f.scopes is not None:
         # Rooms and conversations by the indexed scope column, not by payload
         # fields: one equality per value, case folded once by the caller.
-        clauses.append(f"{_scope_sql(f)} IN {one_of(f.scopes)}")
+        scope = _scope_sql(f)
+        if dialect == "sqlite" and len(f.scopes) > 1:
+            # One scope: its (scope, position) index yields rows in position
+            # order. Several: SQLite would gather every match after the
+            # chunk's start from each and sort them, for every chunk (a
+            # 1,000,000-event lobby plus a room: 30 s instead of 10). The
+            # unary + keeps it on the position order instead: at worst one
+            # scan of the window, as without the filter.
+            scope = f"+{scope}"
+        clauses.append(f"{scope} IN {one_of(f.scopes)}")
     return " AND ".join(clauses), params
 
 

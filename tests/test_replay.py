@@ -533,20 +533,23 @@ def test_unreachable_postgres_exits_4() -> None:
 
 
 def seed_bulk(url: str, count: int) -> None:
-    """Many plain chats written straight into the table (for pipes and windows)."""
+    """Many plain chats written straight into the table (for pipes and windows):
+    every third in the room dev, the others in the lobby."""
     path = url.split(":///", 1)[1]
     with sqlite3.connect(path) as conn:
         conn.executemany(
-            "INSERT INTO events (position, stream, version, type, payload, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (position, stream, version, type, payload, recorded_at, scope)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 (
                     i,
                     f"user-u{i % 7}",
                     i,
                     "MessagePosted",
-                    json.dumps({"sender": f"u{i % 7}", "message": f"message number {i} " + "x" * 40, "room": "lobby"},
-                               separators=(",", ":")),
+                    json.dumps({"sender": f"u{i % 7}", "message": f"message number {i} " + "x" * 40,
+                                "room": "dev" if i % 3 == 0 else "lobby"}, separators=(",", ":")),
                     f"2026-01-01 00:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}000",
+                    "room:dev" if i % 3 == 0 else "room:lobby",
                 )
                 for i in range(1, count + 1)
             ),
@@ -576,17 +579,24 @@ def test_head_closes_the_pipe_cleanly(bulk: str, fmt: str) -> None:
 def test_long_dumps_cross_chunks_in_order(bulk: str) -> None:
     # SQLite renders jsonl 4096 events at a time: no event lost or repeated
     # at a chunk's edge, whatever the limit.
-    whole, limited, across, tail = replay_all(bulk, [
+    whole, limited, across, tail, dev, both, dev_tail = replay_all(bulk, [
         ["--format", "jsonl"],
         ["--format", "jsonl", "--limit", "10000"],
         ["--format", "jsonl", "--after", "4095", "--limit", "2"],
         ["--format", "jsonl", "--tail", "3"],
+        # One scope reads its index, several the log in position order.
+        ["--format", "jsonl", "--room", "dev"],
+        ["--format", "jsonl", "--room", "dev", "--room", "lobby", "--conversation", "u1,u2"],
+        ["--format", "jsonl", "--room", "dev", "--room", "lobby", "--tail", "5000"],
     ])
     lines = ok(whole).splitlines()
     assert [json.loads(line)["position"] for line in lines] == list(range(1, 40_001))
     assert ok(limited).splitlines() == lines[:10_000]
     assert ok(across).splitlines() == lines[4095:4097]
     assert ok(tail).splitlines() == lines[-3:]
+    assert ok(dev).splitlines() == lines[2::3]
+    assert ok(both).splitlines() == lines
+    assert ok(dev_tail).splitlines() == lines[-5000:]
 
 
 def test_progress_only_on_a_terminal(bulk: str, monkeypatch: pytest.MonkeyPatch) -> None:
