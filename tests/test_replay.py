@@ -864,7 +864,7 @@ def test_postgres_missing_or_unmigrated_database_exit_3(postgres: Any) -> None:
 CAFE = "Caf\u00e9 Stra\u00dfe"  # a space, an accent, and an ß that casefolds to "ss"
 CAFE_SCOPE = "room:caf\u00e9 strasse"
 ALICE_BOB = "dm:alice\tbob"
-ALICE_XY = "dm:alice\tx,y"
+ALICE_XY = "dm:alice\tzo\u00e9,x"
 
 # (position, stream, type, payload in writer order (None: a login), scope,
 # transcript line after the time (None: hidden by default)).
@@ -873,8 +873,8 @@ ROOMS: list[tuple[int, str, str, dict[str, Any] | None, str | None, str | None]]
     (2, "user-alice", "UserJoined", {"name": "alice", "room": "lobby"}, "room:lobby", "* alice joined"),
     (3, "user-bob", "UserLoggedIn", None, None, None),
     (4, "user-bob", "UserJoined", {"name": "bob", "room": "lobby"}, "room:lobby", "* bob joined"),
-    (5, "user-x,y", "UserLoggedIn", None, None, None),
-    (6, "user-x,y", "UserJoined", {"name": "x,y", "room": "lobby"}, "room:lobby", "* x,y joined"),
+    (5, "user-zo\u00e9,x", "UserLoggedIn", None, None, None),
+    (6, "user-zo\u00e9,x", "UserJoined", {"name": "zo\u00e9,x", "room": "lobby"}, "room:lobby", "* zo\u00e9,x joined"),
     (7, "room-dev", "RoomCreated", {"room": "Dev", "creator": "alice", "topic": "Python"}, "room:dev",
      "[Dev] * alice created the room (topic: Python)"),
     (8, "user-alice", "RoomJoined", {"name": "alice", "room": "Dev"}, "room:dev", "[Dev] * alice joined"),
@@ -892,12 +892,12 @@ ROOMS: list[tuple[int, str, str, dict[str, Any] | None, str | None, str | None]]
      "<alice -> bob> psst"),
     (16, "user-bob", "PrivateMessageSent", {"sender": "bob", "recipient": "alice", "message": "what?"}, ALICE_BOB,
      "<bob -> alice> what?"),
-    (17, "user-alice", "PrivateMessageSent", {"sender": "alice", "recipient": "x,y", "message": "a comma"}, ALICE_XY,
-     "<alice -> x,y> a comma"),
+    (17, "user-alice", "PrivateMessageSent", {"sender": "alice", "recipient": "zo\u00e9,x", "message": "a comma"}, ALICE_XY,
+     "<alice -> zo\u00e9,x> a comma"),
     (18, "user-bob", "ConversationRead", {"name": "bob", "position": 15, "room": "", "peer": "alice"}, None, None),
     (19, "user-bob", "RoomLeft", {"name": "bob", "room": "Dev"}, "room:dev", "[Dev] * bob left"),
-    (20, "user-x,y", "UserLeft", {"name": "x,y", "reason": "disconnected", "room": "lobby"}, "room:lobby",
-     "* x,y left (disconnected)"),
+    (20, "user-zo\u00e9,x", "UserLeft", {"name": "zo\u00e9,x", "reason": "disconnected", "room": "lobby"}, "room:lobby",
+     "* zo\u00e9,x left (disconnected)"),
     (21, "user-bob", "UserLeft", {"name": "bob", "reason": "disconnected", "room": "lobby"}, "room:lobby",
      "* bob left (disconnected)"),
     (22, "user-alice", "UserLeft", {"name": "alice", "reason": "disconnected", "room": "lobby"}, "room:lobby",
@@ -915,7 +915,7 @@ async def write_rooms(url: str) -> None:
     """ROOMS, through a real server and real clients speaking the rooms protocol."""
     async with running_server(settings_for(url)) as server:
         alice, bob, xy = [await Client(server.url).connect() for _ in range(3)]
-        for client, name in ((alice, "alice"), (bob, "bob"), (xy, "x,y")):
+        for client, name in ((alice, "alice"), (bob, "bob"), (xy, "zo\u00e9,x")):
             await client.login(name)
 
         async def ok_call(client: Client, event: str, *args: Any) -> Any:
@@ -931,12 +931,12 @@ async def write_rooms(url: str) -> None:
         await ok_call(bob, "chat", "tea?", {"room": CAFE.upper()})
         psst = await ok_call(alice, "chat", "psst", {"to": "bob"})
         await ok_call(bob, "chat", "what?", {"to": "alice"})
-        await ok_call(alice, "chat", "a comma", {"to": "x,y"})
+        await ok_call(alice, "chat", "a comma", {"to": "zo\u00e9,x"})
         await ok_call(bob, "markRead", {"with": "alice", "position": psst["position"]})
         await ok_call(bob, "leaveRoom", {"room": "Dev"})
         for leaving in (xy, bob):
             await leaving.disconnect()
-        await alice.wait_for(lambda: alice.events("userLeft") == ["x,y", "bob"])
+        await alice.wait_for(lambda: alice.events("userLeft") == ["zo\u00e9,x", "bob"])
         await alice.disconnect()
         await wait_for_head(url, len(ROOMS))
 
@@ -987,10 +987,11 @@ ROOM_FILTERS: list[tuple[list[str], list[int]]] = [
     (["--conversation", "bob , alice"], ALICE_AND_BOB),  # no name ends in a space
     (["--conversation", '["bob","alice"]'], ALICE_AND_BOB),
     (["--conversation", "Alice,bob"], []),  # user names keep their case
-    (["--conversation", '["x,y","alice"]'], [17]),  # a name holding a comma
-    (["--conversation", '["alice", "x,y"]'], [17]),
+    (["--conversation", '["zo\u00e9,x","alice"]'], [17]),  # a name holding a comma
+    (["--conversation", '["alice", "zo\u00e9,x"]'], [17]),
+    (["--conversation", '["zoe\u0301,x","alice"]'], [17]),  # typed in NFD
     (["--conversation", "alice,x"], []),
-    (["--conversation", "alice,bob", "--conversation", '["x,y","alice"]'], [15, 16, 17]),
+    (["--conversation", "alice,bob", "--conversation", '["zo\u00e9,x","alice"]'], [15, 16, 17]),
     (["--room", "dev", "--conversation", "alice,bob"], sorted(DEV + ALICE_AND_BOB)),  # any of them
     (["--room", "dev", "--type", "chat"], [10]),
     (["--room", "dev", "--type", "join"], [8, 9]),
@@ -1020,7 +1021,7 @@ def test_rooms_in_every_format(rooms: RoomsLog) -> None:
     text, dev, pms, reads, jsonl, csv_out, colour = replay_all(
         rooms.url,
         [[], ["--room", "DEV"], ["--conversation", "bob,alice"], ["--type", "read"],
-         ["--format", "jsonl"], ["--format", "csv", "--room", CAFE, "--conversation", '["x,y","alice"]'],
+         ["--format", "jsonl"], ["--format", "csv", "--room", CAFE, "--conversation", '["zo\u00e9,x","alice"]'],
          ["--color", "always", "--room", "dev", "--type", "chat,private", "--conversation", "alice,bob", "--limit", "2"]],
     )
     assert ok(text) == rooms.text(ROOMS_SHOWN)
@@ -1034,7 +1035,7 @@ def test_rooms_in_every_format(rooms: RoomsLog) -> None:
     assert ok(csv_out) == "position,stream,type,time,payload,scope\n" + "".join(
         csv_line(r) for r in rooms.at(12, 13, 14, 17)
     )
-    assert csv_out.stdout.splitlines()[-1].endswith(',"dm:alice\tx,y"')
+    assert csv_out.stdout.splitlines()[-1].endswith(',"dm:alice\tzo\u00e9,x"')
     ten, fifteen = rooms.at(10, 15)
     assert ok(colour) == (
         f"\x1b[2m{ten.stamp}\x1b[0m [Dev] \x1b[1m<alice>\x1b[0m hi dev\n"
