@@ -63,6 +63,7 @@ _PRESENCE_TYPES = frozenset({UserLoggedIn.type, UserJoined.type, UserLeft.type})
 # What counts as unread: what others wrote.
 _UNREAD_TYPES = (MessagePosted.type, PrivateMessageSent.type)
 ROOM_LIST_MAX = 100
+SUMMARY_REUSE = 1.0  # seconds
 
 
 def hash_token(token: str) -> str:
@@ -420,6 +421,7 @@ class Commands:
         )
         session.next_version()
         rooms.add(key)
+        session.summary = None
         self._creating.add(key)
         try:
             future = self.writer.submit(new)
@@ -459,6 +461,7 @@ class Commands:
         )
         session.next_version()
         rooms.add(key)
+        session.summary = None
         self._joining[key] = self._joining.get(key, 0) + 1
         try:
             return (await self._submit(session, [new], "join"))[0]
@@ -481,6 +484,7 @@ class Commands:
             raise domain.NotAMember(f"you are not a member of {room.name}")
         new = domain.decide_leave_room(session.name, session.next_version(), room.name, command_id=new_command_id())
         rooms.discard(key)
+        session.summary = None
         try:
             return (await self._submit(session, [new], "leave"))[0]
         except BaseException:
@@ -547,13 +551,27 @@ class Commands:
 
     async def conversations(self, sid: str) -> dict[str, Any]:
         session = await self._room_session(sid)
-        return await self._summary(session)
+        return await self._shared_summary(session)
+
+    async def _shared_summary(self, session: Session) -> dict[str, Any]:
+        """A summary costs a couple of indexed reads per conversation: a
+        socket asking again within ``SUMMARY_REUSE`` seconds (or while one is
+        being read) gets the same one. It is still right: its counts are as
+        of its ``position``, and the socket has had every event since."""
+        loop = asyncio.get_running_loop()
+        if session.summary is not None:
+            at, future = session.summary
+            if not future.done() or (loop.time() - at < SUMMARY_REUSE and future.exception() is None):
+                return await asyncio.shield(future)
+        future = asyncio.ensure_future(self._summary(session))
+        session.summary = (loop.time(), future)
+        return await asyncio.shield(future)
 
     async def push_conversations(self, session: Session) -> None:
         """After a login or resume is delivered: the user's rooms and private
         conversations with their unread counts."""
         try:
-            summary = await self._summary(session)
+            summary = await self._shared_summary(session)
         except Exception as exc:
             log.warning("could not build the conversations of %s: %s", session.name, exc)
             return
@@ -647,6 +665,7 @@ class Commands:
         session.next_version()
         await self._submit(session, [new], "read marker")
         markers[scope] = max(markers.get(scope, 0), position)
+        session.summary = None  # its read positions changed
         return {"position": position}
 
     def _known_user(self, raw: object) -> str:
