@@ -64,6 +64,7 @@ _PRESENCE_TYPES = frozenset({UserLoggedIn.type, UserJoined.type, UserLeft.type})
 _UNREAD_TYPES = (MessagePosted.type, PrivateMessageSent.type)
 ROOM_LIST_MAX = 100
 SUMMARY_REUSE = 1.0  # seconds
+DELIVERY_WAIT = 10.0  # seconds a room request waits for its session's welcome
 
 
 def hash_token(token: str) -> str:
@@ -98,6 +99,8 @@ class Commands:
         # counted against the limits as if they were.
         self._creating: set[str] = set()
         self._joining: dict[str, int] = {}
+        # Summaries being read (shared by the requests that wait for them).
+        self._summaries: set[asyncio.Future[dict[str, Any]]] = set()
         # Set while this process may not serve (its node lease lapsed).
         self.fenced = False
         # Reaps the process holding a session if its lease expired (several
@@ -367,9 +370,11 @@ class Commands:
 
     async def _delivered(self, session: Session) -> None:
         if not session.delivered.is_set():
-            await session.delivered.wait()
-            if session.socket_gone or session.state is not State.ACTIVE:
-                raise domain.NotLoggedIn("the session ended")
+            try:
+                await asyncio.wait_for(session.delivered.wait(), DELIVERY_WAIT)
+            except TimeoutError:
+                raise domain.ServerFailed("the login is still being delivered; try again") from None
+            self._still_active(session)
 
     async def _room_session(self, sid: str) -> Session:
         session = self.sessions.active(sid)
@@ -496,7 +501,7 @@ class Commands:
         session = self.sessions.active(sid)
         req = domain.check_request({} if request is None else request, protocol.LIST_ROOMS)
         after = req.get("after")
-        if after is not None and not isinstance(after, str):
+        if after is not None and (not isinstance(after, str) or len(after) > 8 * self.settings.room_name_max):
             raise domain.BadPayload("after must be a room name")
         limit = req.get("limit", ROOM_LIST_MAX)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -541,6 +546,8 @@ class Commands:
 
     # -- conversations and read markers ---------------------------------------------
     async def _markers(self, session: Session) -> dict[str, int]:
+        if session.markers is None and session.name not in self.delivery.rooms.readers:
+            session.markers = {}  # never marked anything: nothing to read
         if session.markers is None:
             t = read_markers_table
             async with self.store.engine.connect() as conn:
@@ -564,6 +571,8 @@ class Commands:
             if not future.done() or (loop.time() - at < SUMMARY_REUSE and future.exception() is None):
                 return await asyncio.shield(future)
         future = asyncio.ensure_future(self._summary(session))
+        self._summaries.add(future)
+        future.add_done_callback(self._summaries.discard)
         session.summary = (loop.time(), future)
         return await asyncio.shield(future)
 
@@ -603,7 +612,18 @@ class Commands:
         entries: list[tuple[str, dict[str, Any]]] = []
         lobby = self._lobby_entry()
         del lobby["member"]
-        read[LOBBY_SCOPE] = markers.get(LOBBY_SCOPE, session.login_position or through)
+        if LOBBY_SCOPE in markers:
+            read[LOBBY_SCOPE] = markers[LOBBY_SCOPE]
+        else:
+            # Unmarked, the lobby is read up to this login: its history came
+            # with the welcome and everything since came live. No look at
+            # the log (a seed client's login costs no read).
+            recent = self.delivery.recent.last(1, before=through + 1)
+            lobby.update(
+                unread=0,
+                lastPosition=recent[0].position if recent else 0,
+                readPosition=session.login_position or through,
+            )
         entries.append((LOBBY_SCOPE, lobby))
         rooms = sorted(
             (view.rooms[key] for key in (session.rooms or ()) if key in view.rooms), key=lambda r: room_key(r.name)
@@ -627,10 +647,16 @@ class Commands:
             scope = private_scope(name, peer)
             read[scope] = markers.get(f"peer:{peer}", 0)
             private.append((scope, {"with": peer, "online": peer in online}))
-        state = await self.store.conversation_state(
-            read, through=through, types=_UNREAD_TYPES, not_stream=user_stream(name), cap=self.settings.unread_cap
+        state = (
+            await self.store.conversation_state(
+                read, through=through, types=_UNREAD_TYPES, not_stream=user_stream(name), cap=self.settings.unread_cap
+            )
+            if read
+            else {}
         )
         for scope, entry in (*entries, *private):
+            if scope not in read:
+                continue
             unread, last = state.get(scope, (0, 0))
             entry.update(unread=unread, lastPosition=last, readPosition=read[scope])
         return {
@@ -715,6 +741,13 @@ class Commands:
         self.delivery.reply(sid, event, lambda: data)
 
     # -- shutdown and reconciliation ------------------------------------------------
+    async def stop(self) -> None:
+        """Stop the reads in flight before the engine goes."""
+        pending = list(self._summaries)
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     async def close_sessions(self, reason: str, timeout: float) -> None:
         """Record the leave of every logged-in socket (graceful shutdown)."""
         sessions = [s for s in self.sessions.live() if s.state is State.ACTIVE]
