@@ -623,6 +623,7 @@ class Commands:
                 unread=0,
                 lastPosition=recent[0].position if recent else 0,
                 readPosition=session.login_position or through,
+                last=protocol.history_item(recent[0]) if recent else None,
             )
         entries.append((LOBBY_SCOPE, lobby))
         rooms = sorted(
@@ -657,8 +658,15 @@ class Commands:
         for scope, entry in (*entries, *private):
             if scope not in read:
                 continue
-            unread, last = state.get(scope, (0, 0))
-            entry.update(unread=unread, lastPosition=last, readPosition=read[scope])
+            unread, last = state.get(scope, (0, None))
+            entry.update(
+                unread=unread,
+                lastPosition=last.position if last is not None else 0,
+                readPosition=read[scope],
+                # The newest item, as history gives it: a conversation list
+                # can show it, and an offline recipient sees what came.
+                last=protocol.history_item(last) if last is not None else None,
+            )
         return {
             "position": through,
             "rooms": [entry for _scope, entry in entries],
