@@ -139,7 +139,7 @@
       }
       if (!conversation.loaded && !conversation.loading) {
         conversation.loading = true;
-        var generation = conversation.generation = (conversation.generation || 0) + 1;
+        var generation = conversation.generation;
         var query = _.extend({ limit: HISTORY_PAGE }, conversation.scope());
         self.chatClient.history(query, function (error, page) {
           if (generation !== conversation.generation) {
@@ -156,7 +156,11 @@
       }
       if (conversation.get('kind') === 'room' && !conversation.membersLoaded && !conversation.loadingMembers) {
         conversation.loadingMembers = true;
+        var asked = conversation.generation;
         self.chatClient.roomMembers(conversation.get('name'), function (error, answer) {
+          if (asked !== conversation.generation) {
+            return; // forgotten meanwhile
+          }
           conversation.loadingMembers = false;
           if (!error && _.isArray(answer.members)) {
             conversation.setMembers(answer.members);

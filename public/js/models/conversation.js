@@ -67,6 +67,7 @@
       this.membersLoaded = false;
       this.loaded = false;  // its latest history page was merged (rooms and PMs)
       this.loading = false;
+      this.generation = 0;  // bumped by forget(): answers to requests made before are dropped
     },
 
     isLobby: function () { return this.get('kind') === 'lobby'; },
@@ -140,7 +141,7 @@
       this.loadingMembers = false;
       this.loaded = false;
       this.loading = false;
-      this.generation = (this.generation || 0) + 1; // answers asked for before are stale
+      this.generation += 1;
       this.set({ historyAvailable: false, reachedStart: false, loadingOlder: false });
     },
 
@@ -166,9 +167,12 @@
 
     // A page of `listRooms`; `first`: it starts the list again.
     addPage: function (answer, first) {
-      var rooms = _.map(_.filter(_.isArray(answer.rooms) ? answer.rooms : [], function (r) {
+      var listed = _.filter(_.isArray(answer.rooms) ? answer.rooms : [], function (r) {
         return _.isObject(r) && typeof r.room === 'string';
-      }), function (r) {
+      });
+      var last = _.last(listed);
+      // The lobby is always first in the conversation list: not listed here.
+      var rooms = _.map(_.reject(listed, function (r) { return r.room.toLowerCase() === 'lobby'; }), function (r) {
         return {
           id: r.room.toLowerCase(), room: r.room, topic: String(r.topic || ''),
           members: toPosition(r.members) || 0, online: toPosition(r.online) || 0
@@ -179,12 +183,15 @@
       } else {
         this.rooms.add(rooms, { merge: true });
       }
-      this.set({ loading: false, error: '', more: !!answer.more && rooms.length > 0 });
+      if (last) {
+        this.after = last.room;
+      }
+      this.set({ loading: false, error: '', more: !!answer.more && !!last });
     },
 
-    // The name to page on from.
+    // The name to page on from: the last one listed.
     lastRoom: function () {
-      return this.rooms.length ? this.rooms.last().get('room') : null;
+      return this.after || null;
     }
   });
 
