@@ -372,13 +372,13 @@
           take(this.ensurePrivate(entry['with'], { peerOnline: !!entry.online }), entry);
         }
       }, this);
-      // Rooms left meanwhile (not ones joined after the summary was made).
-      this.conversations.each(function (conversation) {
-        if (conversation.get('kind') === 'room' && !listed[conversation.id] &&
-            conversation.get('joinedPosition') <= position) {
-          this.dropRoom(conversation.get('name'));
-        }
-      }, this);
+      // Rooms left meanwhile (not ones joined after the summary was made);
+      // collected first, as dropping changes the collection.
+      var gone = this.conversations.filter(function (conversation) {
+        return conversation.get('kind') === 'room' && !listed[conversation.id] &&
+          conversation.get('joinedPosition') <= position;
+      });
+      _.each(gone, function (conversation) { this.dropRoom(conversation.get('name')); }, this);
       var shown = this.activeConversation();
       if (shown.id === active) {
         this.trigger('arrived', shown);

@@ -16,7 +16,11 @@
       this.vent = options.vent;
       this.conversations = this.model.conversations;
       this.listenTo(this.conversations, 'update reset change:unread change:peerOnline change:name change:activity', this.render);
-      this.listenTo(this.model, 'change:active change:directory', this.render);
+      this.listenTo(this.model, 'change', function () {
+        if (this.model.hasChanged('active') || this.model.hasChanged('directory')) {
+          this.render();
+        }
+      });
     },
 
     render: function () {

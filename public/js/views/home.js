@@ -27,7 +27,12 @@
       this.conversation = null; // the one shown (null: the directory)
       this.listenTo(this.model, 'change:online', this.renderOnline);
       this.listenTo(this.model, 'change:chatError', this.renderError);
-      this.listenTo(this.model, 'change:active change:directory', this.renderMain);
+      this.listenTo(this.model, 'change', function () {
+        // select() sets both at once: one render.
+        if (this.model.hasChanged('active') || this.model.hasChanged('directory')) {
+          this.renderMain();
+        }
+      });
       this.listenTo(this.model, 'unsent', this.restore);
     },
 
