@@ -546,8 +546,25 @@ def test_room_created_joined_from_the_list_chat_seen_by_members_only(new_page: P
 def test_leaving_a_room(new_page: PageFactory) -> None:
     ann, bob = in_lobby(new_page, "ann", "bob")
     create_room(ann, "Ops")
+    # Names are unique whatever their case.
+    bob.click("#browseRooms")
+    bob.fill("#roomNameInput", "OPS")
+    bob.click("#createRoomButton")
+    expect(bob.locator("#createRoomError")).to_have_text("A room with that name exists already.")
     join_room(bob, "Ops")
     expect_members(ann, [["ann", True], ["bob", True]])
+
+    # Membership outlives the page: after a reload the room is listed, with
+    # what was said meanwhile counted by the server.
+    open_conversation(bob, "Lobby")
+    send(ann, "while bob reads the lobby")
+    expect_conversations(bob, [["Lobby", ""], ["# Ops", "1"]], [])
+    bob.reload()
+    expect(bob.locator("#status .conn-name")).to_have_text("as bob")
+    expect_conversations(bob, [["Lobby", ""], ["# Ops", "1"]], [])
+    open_conversation(bob, "# Ops")
+    expect_chat(bob, "ann", "while bob reads the lobby")
+    expect_conversations(bob, [["Lobby", ""], ["# Ops", ""]], [])
 
     bob.click("#leaveRoom")
     # Back in the lobby, the room gone from his list; Ann sees him leave.
