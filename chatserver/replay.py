@@ -97,7 +97,7 @@ formats:
             "scope":"room:lobby"}
          position  integer, the event's place in the log (gap-free, from 1)
          stream    "user-<name>" (the user the event is about) or
-                   "room-<room>" (a room's creation)
+                   "room-<room, case folded>" (a room's creation)
          type      UserLoggedIn | UserJoined | MessagePosted | UserLeft |
                    RoomCreated | RoomJoined | RoomLeft | PrivateMessageSent |
                    ConversationRead
