@@ -279,6 +279,10 @@ def test_transcript_escapes_control_characters() -> None:
         # another sender's; separators would break it.
         [5, "user-e", "MessagePosted", time_, {"sender": "\u202eeve", "message": "hi \u2066x\u2069\u2028y\u200f"}],
         [6, "user-e", "SomethingNew", time_, {"name": "\u202e"}],
+        # Room names, recipients and topics are names too; a topic keeps to
+        # one line.
+        [7, "user-a", "PrivateMessageSent", time_, {"sender": "a", "recipient": "\u202eb", "message": "x"}],
+        [8, "room-r", "RoomCreated", time_, {"room": "r\x1b", "creator": "c", "topic": "t\nu"}],
     ]
     assert TextRenderer().render(rows).decode() == (
         "2026-11-25 21:55:13Z <a\\x1bb> \\x1b[31mred\\x07\n"
@@ -288,6 +292,8 @@ def test_transcript_escapes_control_characters() -> None:
         '2026-11-25 21:55:13Z * UserLeft {"nom":"bob"}\n'
         "2026-11-25 21:55:13Z <\\u202eeve> hi \\u2066x\\u2069\\u2028y\\u200f\n"
         '2026-11-25 21:55:13Z * SomethingNew {"name":"\\u202e"}\n'
+        "2026-11-25 21:55:13Z <a -> \\u202eb> x\n"
+        "2026-11-25 21:55:13Z [r\\x1b] * c created the room (topic: t\\x0au)\n"
     )
 
 
