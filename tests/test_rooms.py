@@ -29,7 +29,7 @@ class RoomClient(Client):
     """The support Client, also recording the new events and, through a
     catch-all, any event nobody expected (so a leak cannot go unseen)."""
 
-    EVENTS = Client.EVENTS + ROOM_EVENTS
+    EVENTS = Client.EVENTS + tuple(e for e in ROOM_EVENTS if e not in Client.EVENTS)
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -319,22 +319,33 @@ async def test_join_leave_members_and_list(srv: InProcessServer, db_url: str) ->
 
 async def test_list_rooms_pages_in_case_insensitive_order(srv: InProcessServer) -> None:
     async with users(srv.url, "alice") as (a,):
-        names = ["echo", "Bravo", "alpha", "Delta", "charlie"]
-        for name in names:
+        for name in ["echo", "Bravo", "alpha", "Delta", "charlie"]:
             await a.ok("createRoom", {"room": name})
-        first = await a.ok("listRooms", {"limit": 2})
-        assert [r["room"] for r in first["rooms"]] == ["alpha", "Bravo"] and first["more"] is True
-        pages, after = [first], "BRAVO"  # `after` is a room name, in any case
+        pages, after = [await a.ok("listRooms", {"limit": 2})], None
         while pages[-1]["more"]:
-            page = await a.ok("listRooms", {"after": after, "limit": 2})
-            assert len(page["rooms"]) <= 2
-            pages.append(page)
-            after = page["rooms"][-1]["room"]
+            after = pages[-1]["rooms"][-1]["room"].upper()  # `after` is a room name, in any case
+            pages.append(await a.ok("listRooms", {"after": after, "limit": 2}))
         listed = [r["room"] for p in pages for r in p["rooms"] if r["room"] != "lobby"]
         assert listed == ["alpha", "Bravo", "charlie", "Delta", "echo"]
         everything = await a.ok("listRooms", {})
         assert [r["room"] for r in everything["rooms"] if r["room"] != "lobby"] == listed
         assert everything["more"] is False
+        assert (await a.ok("listRooms", {"after": "ECHO"}))["rooms"] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug: listRooms puts the lobby first on the first page on top of `limit` rooms "
+    "(limit 2 answers 3 rooms, and 'lobby' before 'alpha' is not case-insensitive name order)",
+)
+async def test_a_list_rooms_page_holds_at_most_limit_rooms_in_name_order(srv: InProcessServer) -> None:
+    async with users(srv.url, "alice") as (a,):
+        for name in ["Bravo", "alpha"]:
+            await a.ok("createRoom", {"room": name})
+        first = await a.ok("listRooms", {"limit": 2})
+        assert len(first["rooms"]) <= 2, first
+        names = [r["room"] for r in first["rooms"]]
+        assert names == sorted(names, key=str.casefold), names
 
 
 # --- chatting in rooms: who receives what ------------------------------------
@@ -830,12 +841,14 @@ async def test_wrong_types_for_every_new_request_are_refused(srv: InProcessServe
         upto = await barrier(a, [a, b])
         before = await raw_log(db_url)
         for event in ("createRoom", "joinRoom", "leaveRoom", "roomMembers"):
-            for value in BAD_VALUES:
+            for value in BAD_VALUES[:-1]:
                 await a.refused(event, value, code="bad_payload")
-            for value in BAD_VALUES[:-2]:
-                if not isinstance(value, str):
-                    await a.refused(event, {"room": value}, code="bad_payload")
-            await a.refused(event, {}, code="bad_payload")
+            # A missing or non-string name: refused as a bad name, the way
+            # the seed refuses a non-string login name (name_bad).
+            for value in (None, 5, 1.5, True, [], {"x": 1}):
+                await a.refused(event, {"room": value}, code={"bad_payload", "room_name_bad"})
+            await a.refused(event, {}, code={"bad_payload", "room_name_bad"})
+            await a.refused(event, BAD_VALUES[-1], code={"bad_payload", "room_name_bad"})
         for value in (5, True, [], {"a": 1}):
             await a.refused("createRoom", {"room": "Fine", "topic": value}, code="bad_payload")
         await a.refused("createRoom", {"room": "Fine", "topic": "bell\x07"}, code="bad_payload")
@@ -852,14 +865,17 @@ async def test_wrong_types_for_every_new_request_are_refused(srv: InProcessServe
             {"room": "Dev", "position": 1.5},
             {"room": "Dev", "position": -1},
             {"room": "Dev", "position": 2**63},
-            {"room": 5, "position": 1},
-            {"with": 5, "position": 1},
         ):
             await a.refused("markRead", request, code="bad_payload")
-        for request in ({"room": 5}, {"with": 5}, {"room": "Dev", "with": "bobby"}, {"room": []}, {"with": []}):
-            await a.refused("history", request, code="bad_payload")
-        for options in ({"room": 5}, {"to": 5}, {"room": "Dev", "to": "bobby"}, {"room": []}, {"to": []}):
+        await a.refused("history", {"room": "Dev", "with": "bobby"}, code="bad_payload")
+        for options in ({"to": 5}, {"room": "Dev", "to": "bobby"}, {"to": []}, {"to": "alice"}):
             await a.refused("chat", "typed wrong", options, code="bad_payload")
+        # A non-string room is a bad room name, as for createRoom (a
+        # non-string `with` is test_a_non_string_peer_is_a_bad_payload's).
+        for value in (5, [], True):
+            await a.refused("markRead", {"room": value, "position": 1}, code={"bad_payload", "room_name_bad"})
+            await a.refused("history", {"room": value}, code={"bad_payload", "room_name_bad"})
+            await a.refused("chat", "typed wrong", {"room": value}, code={"bad_payload", "room_name_bad"})
         # Huge names: under the packet limit, so refused as names, not dropped.
         huge = "x" * 50_000
         await a.refused("createRoom", {"room": huge}, code="room_name_bad")
@@ -872,6 +888,19 @@ async def test_wrong_types_for_every_new_request_are_refused(srv: InProcessServe
         assert len(await raw_log(db_url)) == len(before)
         last = await barrier(b, [a, b])
         assert [p for p in seen_positions(b) if p > upto] == [last]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug: history and markRead answer a non-string `with` (5, []) with no_such_user, "
+    "while chat answers the same non-string `to` with bad_payload (wrong type)",
+)
+async def test_a_non_string_peer_is_a_bad_payload(srv: InProcessServer) -> None:
+    async with users(srv.url, "alice", "bobby") as (a, _b):
+        for value in (5, []):
+            await a.refused("chat", "typed wrong", {"to": value}, code="bad_payload")
+            await a.refused("history", {"with": value}, code="bad_payload")
+            await a.refused("markRead", {"with": value, "position": 1}, code="bad_payload")
 
 
 async def test_html_in_names_topics_and_messages_is_kept_as_text(srv: InProcessServer, db_url: str) -> None:
