@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import socketio
 import sqlalchemy as sa
 
 from chatserver.config import Settings
 from chatserver.database import create_engine
-from tests.support import Client, InProcessServer, Postgres, free_port, running_server
+from tests.support import Client, InProcessServer, Postgres, ServerProcess, free_port, running_server
 
 ROOM_EVENTS = ("conversations", "roomCreated", "roomJoined", "roomLeft", "roomChat", "privateMessage")
 # Events that carry a log position: every one a client may be entitled to.
@@ -514,17 +515,17 @@ async def test_private_messages_online_and_offline(srv: InProcessServer, db_url:
 async def test_conversations_lists_the_100_most_recent(db_url: str) -> None:
     async with running_server(room_settings(db_url)) as server:
 
-        async def pm_once(name: str) -> int:
-            c = await login(server.url, name)
-            try:
-                return (await c.ok("chat", f"hello from {name}", {"to": "hub"}))["position"]
-            finally:
-                await c.disconnect()
-
         hub = await login(server.url, "hub")
         await hub.disconnect()
         senders = [f"p{i:03}" for i in range(101)]
-        positions = [await pm_once(name) for name in senders]  # one after another: a known order
+        clients = []
+        for batch in range(0, 101, 20):  # logins at once, a batch at a time
+            clients += await asyncio.gather(*(login(server.url, name) for name in senders[batch : batch + 20]))
+        try:
+            # One after another: the conversations' order is known.
+            positions = [(await c.ok("chat", f"hello from {n}", {"to": "hub"}))["position"] for c, n in zip(clients, senders, strict=True)]
+        finally:
+            await asyncio.gather(*(c.disconnect() for c in clients))
         hub = await login(server.url, "hub")
         try:
             await hub.wait_event("conversations")
@@ -964,39 +965,75 @@ async def test_html_in_names_topics_and_messages_is_kept_as_text(srv: InProcessS
 # --- several processes on PostgreSQL ------------------------------------------
 
 
-@pytest.mark.postgres
-async def test_room_chat_crosses_processes_in_order(postgres: Postgres) -> None:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def two_processes(postgres: Postgres) -> AsyncIterator[tuple[str, list[ServerProcess]]]:
+    """Two server processes on one PostgreSQL log, shared by this module's
+    tests: starting them and migrating is most of such a test's time."""
     from tests.test_multiprocess import cluster
 
-    async with cluster(postgres, n=2) as (url, (one, two)):
-        a = await login(one.url, "alice")
-        b, c, d = [await login(two.url, name) for name in ("bobby", "carol", "dave")]
-        clients = [a, b, c, d]
-        try:
-            await a.ok("createRoom", {"room": "Dev"})
-            # Process two knows of the room once it has followed the log that
-            # far: its clients join after they are told (as a user would).
-            # Joining before that is refused no_such_room (see the report).
-            for cl in (b, c):
-                await cl.wait_event("roomCreated")
-            await b.ok("joinRoom", {"room": "dev"})
-            await c.ok("joinRoom", {"room": "DEV"})
+    async with cluster(postgres, n=2) as (url, procs):
+        yield url, procs
 
-            async def talk(cl: RoomClient, tag: str) -> None:
-                acks = await asyncio.gather(*(cl.call("chat", f"{tag} {k}", {"room": "Dev"}) for k in range(20)))
-                assert all(x["ok"] for x in acks), acks
 
-            await asyncio.gather(talk(a, "a"), talk(b, "b"))
-            await a.ok("chat", "across", {"to": "carol"})
-            upto = await barrier(d, clients)
-            log = await raw_log(url)
-            room_chats = [e["position"] for e in log if e["type"] == "MessagePosted" and e["payload"]["room"] == "Dev"]
-            assert len(room_chats) == 40
-            for cl, name in zip(clients, ("alice", "bobby", "carol", "dave"), strict=True):
-                assert_saw_its_view(cl, name, log, cl.events("welcome")[0]["position"], upto)
-                got = [m["position"] for m in cl.events("roomChat")]
-                assert got == ([] if name == "dave" else room_chats)
-            assert [m["message"] for m in c.events("privateMessage")] == ["across"]
-        finally:
-            for cl in clients:
-                await cl.disconnect()
+@pytest.mark.postgres
+@pytest.mark.asyncio(loop_scope="module")
+async def test_room_chat_crosses_processes_in_order(two_processes: tuple[str, list[ServerProcess]]) -> None:
+    url, (one, two) = two_processes
+    a = await login(one.url, "alice")
+    b, c, d = [await login(two.url, name) for name in ("bobby", "carol", "dave")]
+    clients = [a, b, c, d]
+    try:
+        await a.ok("createRoom", {"room": "Dev"})
+        # Process two knows of the room once it has followed the log that
+        # far, so its clients join after they are told, as a user would:
+        # a join sent before that may be refused no_such_room.
+        for cl in (b, c):
+            await cl.wait_event("roomCreated")
+        await b.ok("joinRoom", {"room": "dev"})
+        await c.ok("joinRoom", {"room": "DEV"})
+
+        async def talk(cl: RoomClient, tag: str) -> None:
+            acks = await asyncio.gather(*(cl.call("chat", f"{tag} {k}", {"room": "Dev"}) for k in range(20)))
+            assert all(x["ok"] for x in acks), acks
+
+        await asyncio.gather(talk(a, "a"), talk(b, "b"))
+        await a.ok("chat", "across", {"to": "carol"})
+        upto = await barrier(d, clients)
+        log = await raw_log(url)
+        room_chats = [e["position"] for e in log if e["type"] == "MessagePosted" and e["payload"]["room"] == "Dev"]
+        assert len(room_chats) == 40
+        for cl, name in zip(clients, ("alice", "bobby", "carol", "dave"), strict=True):
+            assert_saw_its_view(cl, name, log, cl.events("welcome")[0]["position"], upto)
+            got = [m["position"] for m in cl.events("roomChat")]
+            assert got == ([] if name == "dave" else room_chats)
+        assert [m["message"] for m in c.events("privateMessage")] == ["across"]
+        check_scopes_and_streams(log)
+    finally:
+        for cl in clients:
+            await cl.disconnect()
+
+
+@pytest.mark.postgres
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug: a room created (and acknowledged) on one process is refused no_such_room "
+    "by another process until that process has followed the log (11 of 30 joins in a first run)",
+)
+async def test_a_room_created_on_one_process_can_be_joined_at_once_on_another(
+    two_processes: tuple[str, list[ServerProcess]],
+) -> None:
+    _url, (one, two) = two_processes
+    a = await login(one.url, "erin")
+    b = await login(two.url, "frank")
+    try:
+        refused = []
+        for i in range(30):
+            await a.ok("createRoom", {"room": f"room{i}"})
+            ack = await b.call("joinRoom", {"room": f"room{i}"})
+            if not ack["ok"]:
+                refused.append(ack["error"])
+        assert refused == []
+    finally:
+        await a.disconnect()
+        await b.disconnect()
