@@ -761,6 +761,28 @@ async def test_resume_hand_off_is_exact_while_rooms_and_pms_keep_flowing(db_url:
             assert min(counts) > 5
             assert len(a2.events("roomChat")) > 5 and len(a2.events("privateMessage")) > 10
             assert {m["room"] for m in a2.events("roomChat")} == {"Dev"}
+            # The summary, taken while chats kept coming, counts exactly the
+            # others' chats between its read mark and its own position.
+            await a2.wait_event("conversations")
+            summary = a2.events("conversations")[0]
+            dev = room_of(summary["rooms"], "Dev")
+            in_dev = [
+                e for e in log
+                if e["type"] == "MessagePosted" and e["payload"]["room"] == "Dev" and e["payload"]["sender"] != "alice"
+            ]
+            assert dev["unread"] == min(
+                100, sum(dev["readPosition"] < e["position"] <= summary["position"] for e in in_dev)
+            )
+            for peer in summary["private"]:
+                from_peer = [
+                    e for e in log
+                    if e["type"] == "PrivateMessageSent"
+                    and (e["payload"]["sender"], e["payload"]["recipient"]) == (peer["with"], "alice")
+                ]
+                assert peer["unread"] == min(
+                    100, sum(peer["readPosition"] < e["position"] <= summary["position"] for e in from_peer)
+                )
+            assert {p["with"] for p in summary["private"]} == {"bobby", "carol"}
         finally:
             await a2.disconnect()
 
