@@ -909,6 +909,38 @@ async def test_limits_from_the_environment(db_url: str) -> None:
     assert [e["payload"]["room"] for e in log if e["type"] == "RoomCreated"] == ["n" * 8, "second", "bobs", "fourth"]
 
 
+async def test_concurrent_requests_respect_names_and_limits(db_url: str) -> None:
+    settings = room_settings(db_url, CHAT_ROOMS_PER_USER="2", CHAT_ROOM_MEMBERS_MAX="3")
+    names = [f"racer{i}" for i in range(6)]
+    async with running_server(settings) as server, users(server.url, *names) as clients:
+        # One name, many cases, at the same moment: exactly one room.
+        variants = ["Race", "race", "RACE", "rAce", "raCe", "racE"]
+        acks = await asyncio.gather(
+            *(c.call("createRoom", {"room": v}) for c, v in zip(clients, variants, strict=True))
+        )
+        winners = [a for a in acks if a["ok"]]
+        assert len(winners) == 1 and sorted(a.get("error") for a in acks if not a["ok"]) == ["room_exists"] * 5
+        # Two places left in a room of three: two of five joins get in.
+        creator = clients[variants.index(winners[0]["room"])]
+        others = [c for c in clients if c is not creator]
+        acks = await asyncio.gather(*(c.call("joinRoom", {"room": "race"}) for c in others))
+        assert sorted(a.get("error", "ok") for a in acks) == ["ok", "ok", "room_full", "room_full", "room_full"]
+        members = await creator.ok("roomMembers", {"room": "race"})
+        assert len(members["members"]) == 3
+        # Two rooms a user: of three joins at once, two succeed.
+        free = [c for c, a in zip(others, acks, strict=True) if not a["ok"]]
+        for k, c in enumerate(free):
+            await c.ok("createRoom", {"room": f"spare{k}"})
+        joiner = creator  # a member of one room: one more place
+        acks = await asyncio.gather(*(joiner.call("joinRoom", {"room": f"spare{k}"}) for k in range(3)))
+        assert sorted(a.get("error", "ok") for a in acks) == ["ok", "too_many_rooms", "too_many_rooms"]
+    log = await raw_log(db_url)
+    assert [e["payload"]["room"] for e in log if e["type"] == "RoomCreated"][0] == winners[0]["room"]
+    room = winners[0]["room"]
+    joined = {e["payload"]["name"] for e in log if e["type"] == "RoomJoined" and e["payload"]["room"] == room}
+    assert len(joined - {names[clients.index(creator)]}) == 2  # never a third joiner
+
+
 # --- hostile inputs -----------------------------------------------------------
 
 BAD_VALUES: list[Any] = [None, 5, 1.5, True, "text", [], ["a"], {"nested": {"x": 1}}]
@@ -1057,6 +1089,9 @@ async def room_chat_across(url: str, one: ServerProcess, two: ServerProcess) -> 
 
         await asyncio.gather(talk(a, "a"), talk(b, "b"))
         await a.ok("chat", "across", {"to": "carol"})
+        # One name created on both processes at once: one room.
+        acks = await asyncio.gather(a.call("createRoom", {"room": "Race"}), d.call("createRoom", {"room": "rACE"}))
+        assert sorted(x.get("error", "ok") for x in acks) == ["ok", "room_exists"], acks
         upto = await barrier(d, clients)
         log = await raw_log(url)
         room_chats = [e["position"] for e in log if e["type"] == "MessagePosted" and e["payload"]["room"] == "Dev"]
