@@ -418,6 +418,12 @@ async def test_room_history_is_for_members_back_to_creation(srv: InProcessServer
         await c.refused("history", {"room": "Dev"}, code="not_a_member")
         await c.refused("history", {"room": "dev", "limit": 5}, code="not_a_member")
         await c.refused("history", {"room": "Nowhere"}, code="no_such_room")
+        await a.refused("history", {"room": "Dev", "before": "x"}, code="bad_payload")
+        await a.refused("history", {"room": "Dev", "limit": 0}, code="bad_payload")
+        # A room chat retried with its id is stored and sent once.
+        first = await a.ok("chat", "once in the room", {"room": "Dev", "id": "room-1"})
+        assert await a.call("chat", "once in the room", {"room": "dev", "id": "room-1"}) == first
+        await a.wait_for(lambda: any(m["position"] == first["position"] for m in a.events("roomChat")))
         # A late joiner pages back to the room's creation.
         join = await b.ok("joinRoom", {"room": "Dev"})
         page = await b.ok("history", {"room": "dev", "limit": 5})
@@ -443,7 +449,8 @@ async def test_room_history_is_for_members_back_to_creation(srv: InProcessServer
             "room": "Dev",
             "topic": "t",
         }
-        assert [i["message"] for i in older if i["kind"] == "chat"] == [f"dev {k}" for k in range(12)]
+        chats = [i["message"] for i in older if i["kind"] == "chat"]
+        assert chats == [f"dev {k}" for k in range(12)] + ["once in the room"]  # the retry stored once
         assert all(i["room"] == "Dev" for i in older)
         assert [i["position"] for i in older] == sorted({i["position"] for i in older})
         # The lobby's history holds none of it.
@@ -677,14 +684,22 @@ async def test_membership_survives_logout_login_and_restart(db_url: str) -> None
 # --- resume -------------------------------------------------------------------
 
 
-async def resume(url: str, token: str, last: int) -> RoomClient:
-    c = await RoomClient(url).connect()
-    ack = await c.call("resume", {"token": token, "lastPosition": last})
-    assert ack["ok"] is True, ack
+async def resume(url: str, token: str, last: int, *, via_auth: bool = False) -> RoomClient:
+    c = RoomClient(url)
+    if via_auth:  # the browser client's way: the token comes with the connection
+        await c.connect(auth={"resumeToken": token, "lastPosition": last})
+        await c.wait_event("welcome")
+    else:
+        await c.connect()
+        ack = await c.call("resume", {"token": token, "lastPosition": last})
+        assert ack["ok"] is True, ack
     return c
 
 
-async def test_resume_replays_rooms_and_pms_exactly_then_conversations(srv: InProcessServer, db_url: str) -> None:
+@pytest.mark.parametrize("via_auth", [False, True], ids=["resume-event", "connect-auth"])
+async def test_resume_replays_rooms_and_pms_exactly_then_conversations(
+    srv: InProcessServer, db_url: str, via_auth: bool
+) -> None:
     async with users(srv.url, "alice", "bobby", "carol", "dave") as (a, b, c, d):
         await a.ok("createRoom", {"room": "Dev"})
         await a.ok("createRoom", {"room": "Ops"})
@@ -714,7 +729,7 @@ async def test_resume_replays_rooms_and_pms_exactly_then_conversations(srv: InPr
         await d.ok("leaveRoom", {"room": "Secret"})
         await b.ok("chat", "secret after", {"room": "Secret"})
         await d.ok("chat", "alice left this room before", {"room": "Old"})
-        a2 = await resume(srv.url, token, last)
+        a2 = await resume(srv.url, token, last, via_auth=via_auth)
         try:
             await a2.wait_event("conversations")
             upto = await barrier(d, [a2])
