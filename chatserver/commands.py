@@ -14,6 +14,7 @@ twice) with a growing delay until it is stored.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 import uuid
@@ -22,18 +23,29 @@ from functools import partial
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import sqlalchemy as sa
+
 from . import domain, projections, protocol
 from .config import Settings
 from .delivery import Delivery
 from .events import (
     LEFT_SESSION_LOST,
-    VISIBLE_TYPES,
+    LOBBY,
+    LOBBY_SCOPE,
     MessagePosted,
     NewEvent,
+    PrivateMessageSent,
     StoredEvent,
+    UserJoined,
+    UserLeft,
     UserLoggedIn,
+    private_scope,
+    room_key,
+    room_scope,
+    room_stream,
     user_stream,
 )
+from .rooms import Room, conversations_table, read_markers_table
 from .lifecycle import Drop, Effect, Leave, Session, Sessions, State
 from .store import ConcurrencyError, EventStore, StreamHead, UnencodableEvent
 from .writer import EventWriter, WriterClosed
@@ -45,6 +57,12 @@ EMPTY_STREAM = StreamHead(0, None)
 LEAVE_WAIT = 5.0  # seconds a login waits for the previous session of its name to close
 LEAVE_RETRY_FIRST = 0.2  # seconds before retrying a failed leave; doubles up to
 LEAVE_RETRY_MAX = 10.0
+
+
+_PRESENCE_TYPES = frozenset({UserLoggedIn.type, UserJoined.type, UserLeft.type})
+# What counts as unread: what others wrote.
+_UNREAD_TYPES = (MessagePosted.type, PrivateMessageSent.type)
+ROOM_LIST_MAX = 100
 
 
 def hash_token(token: str) -> str:
@@ -75,6 +93,10 @@ class Commands:
         # Reconciliation: (name, session) pairs seen orphaned once.
         self._suspects: set[tuple[str, str]] = set()
         self._leave_failures = 0
+        # Rooms being created and joins being stored here, not yet delivered:
+        # counted against the limits as if they were.
+        self._creating: set[str] = set()
+        self._joining: dict[str, int] = {}
         # Set while this process may not serve (its node lease lapsed).
         self.fenced = False
         # Reaps the process holding a session if its lease expired (several
@@ -85,8 +107,9 @@ class Commands:
     def note_heads(self, stored: list[StoredEvent]) -> None:
         for s in stored:
             # Only a name that is offline skips the read at login, and its
-            # head is its leave; chats (always while online) need no note.
-            if s.type == MessagePosted.type:
+            # head is its leave; what a user does while online (chats, rooms,
+            # private messages) needs no note.
+            if s.type not in _PRESENCE_TYPES:
                 continue
             known = self.heads.get(s.stream)
             if known is None or s.version > known.version:
@@ -294,28 +317,351 @@ class Commands:
                 continue  # the old session's last appends landed in between: look again
         raise domain.ResumeRefused("name_busy", f"{session.name} changed while resuming; log in again")
 
-    async def chat(self, sid: str, raw_message: object, raw_id: object = None) -> StoredEvent:
+    async def chat(
+        self, sid: str, raw_message: object, raw_id: object = None, options: dict[str, object] | None = None
+    ) -> StoredEvent:
         session = self.sessions.active(sid)
         message = domain.check_message(raw_message, max_chars=self.settings.max_message_chars)
         client_id = domain.check_client_id(raw_id)
+        target = domain.check_target(options or {}, room_name_max=self.settings.room_name_max)
+        if target.room is not None or target.to is not None:
+            # Its membership is known once its login is delivered (at once,
+            # but for a chat racing its own welcome).
+            await self._delivered(session)
         command_id = f"{session.name}/{client_id}" if client_id is not None else new_command_id()
-        # No await before submit: the order of a socket's chats is the order
-        # of their submission, whatever task runs each handler.
-        try:
-            future = self.writer.submit(
-                [domain.decide_chat(session.name, session.next_version(), message, command_id=command_id)]
+        # No await from here to submit: the order of a socket's chats is the
+        # order of their submission, whatever task runs each handler.
+        if target.room is not None:
+            room = self._member_room(session, target.room)
+            new = domain.decide_room_chat(session.name, session.version + 1, room.name, message, command_id=command_id)
+        elif target.to is not None:
+            new = domain.decide_private_message(
+                session.name,
+                session.version + 1,
+                target.to,
+                message,
+                known=user_stream(target.to) in self.heads,
+                command_id=command_id,
             )
-        except UnencodableEvent as exc:
-            raise domain.BadPayload(f"this message cannot be stored: {exc}") from None
+        else:
+            new = domain.decide_chat(session.name, session.version + 1, message, command_id=command_id)
+        session.next_version()
+        return (await self._submit(session, [new], "chat"))[0]
+
+    async def _submit(self, session: Session, new: list[NewEvent], what: str) -> list[StoredEvent]:
+        """Submit a session's events (versions already counted) and wait for
+        the commit; a version conflict means the session was taken over."""
         try:
-            stored = await future
+            future = self.writer.submit(new)
+        except UnencodableEvent as exc:
+            raise domain.BadPayload(f"this {what} cannot be stored: {exc}") from None
+        try:
+            return await future
         except ConcurrencyError:
             log.warning("the stream of %s moved under its session; closing it here", session.name)
             self.carry_out(self.sessions.superseded(session))
-            raise domain.NotStored("the chat was not stored: this session was taken over") from None
+            raise domain.NotStored(f"the {what} was not stored: this session was taken over") from None
         except Exception:
-            raise domain.NotStored("the chat was not stored") from None
+            raise domain.NotStored(f"the {what} was not stored") from None
+
+    async def _delivered(self, session: Session) -> None:
+        if not session.delivered.is_set():
+            await session.delivered.wait()
+            if session.socket_gone or session.state is not State.ACTIVE:
+                raise domain.NotLoggedIn("the session ended")
+
+    async def _room_session(self, sid: str) -> Session:
+        session = self.sessions.active(sid)
+        await self._delivered(session)
+        return session
+
+    def _room(self, raw: object) -> tuple[str, Room | None]:
+        """A room a request names: its key, and the room (None: the lobby)."""
+        name = domain.check_room_name(raw, max_chars=self.settings.room_name_max)
+        key = room_key(name)
+        if key == LOBBY:
+            return key, None
+        room = self.delivery.rooms.rooms.get(key)
+        if room is None:
+            raise domain.NoSuchRoom(f"there is no room named {name}")
+        return key, room
+
+    def _member_room(self, session: Session, raw: str) -> Room:
+        key, room = self._room(raw)
+        assert room is not None  # the lobby is not a target
+        if key not in (session.rooms or ()):
+            raise domain.NotAMember(f"you are not a member of {room.name}")
+        return room
+
+    # -- rooms --------------------------------------------------------------------
+    async def create_room(self, sid: str, request: object) -> StoredEvent:
+        session = await self._room_session(sid)
+        req = domain.check_request(request, protocol.CREATE_ROOM)
+        name = domain.check_room_name(req.get("room"), max_chars=self.settings.room_name_max)
+        topic = domain.check_topic(req.get("topic"), max_chars=self.settings.room_topic_max)
+        key = room_key(name)
+        view = self.delivery.rooms
+        # Another process may have created it (the append would tell), or
+        # this one, not yet delivered: look at the log.
+        exists = key in view.rooms or (await self.store.stream_head(room_stream(name))).version > 0
+        self._still_active(session)
+        rooms = session.rooms if session.rooms is not None else set()
+        new = domain.decide_create_room(
+            session.name,
+            session.version + 1,
+            name,
+            topic,
+            exists=exists or key in self._creating,
+            rooms=len(view.rooms) + len(self._creating),
+            member_of=len(rooms),
+            rooms_max=self.settings.rooms_max,
+            rooms_per_user=self.settings.rooms_per_user,
+            command_id=new_command_id(),
+        )
+        session.next_version()
+        rooms.add(key)
+        self._creating.add(key)
+        try:
+            future = self.writer.submit(new)
+            try:
+                stored = await future
+            except ConcurrencyError:
+                if (await self.store.stream_head(room_stream(name))).version > 0:
+                    raise domain.RoomExists(f"a room named {name} exists already") from None
+                self.carry_out(self.sessions.superseded(session))
+                raise domain.NotStored("the room was not created: this session was taken over") from None
+            except Exception:
+                raise domain.NotStored("the room was not created") from None
+        except BaseException:
+            rooms.discard(key)
+            raise
+        finally:
+            self._creating.discard(key)
         return stored[0]
+
+    async def join_room(self, sid: str, request: object) -> StoredEvent | None:
+        """None: a member already (the lobby included)."""
+        session = await self._room_session(sid)
+        req = domain.check_request(request, protocol.JOIN_ROOM)
+        key, room = self._room(req.get("room"))
+        rooms = session.rooms if session.rooms is not None else set()
+        if room is None or key in rooms:
+            return None
+        new = domain.decide_join_room(
+            session.name,
+            session.version + 1,
+            room.name,
+            members=len(room.members) + self._joining.get(key, 0),
+            member_of=len(rooms),
+            members_max=self.settings.room_members_max,
+            rooms_per_user=self.settings.rooms_per_user,
+            command_id=new_command_id(),
+        )
+        session.next_version()
+        rooms.add(key)
+        self._joining[key] = self._joining.get(key, 0) + 1
+        try:
+            return (await self._submit(session, [new], "join"))[0]
+        except BaseException:
+            rooms.discard(key)
+            raise
+        finally:
+            self._joining[key] -= 1
+            if not self._joining[key]:
+                del self._joining[key]
+
+    async def leave_room(self, sid: str, request: object) -> StoredEvent:
+        session = await self._room_session(sid)
+        req = domain.check_request(request, protocol.LEAVE_ROOM)
+        key, room = self._room(req.get("room"))
+        if room is None:
+            raise domain.CannotLeaveLobby("everyone is in the lobby; it cannot be left")
+        rooms = session.rooms if session.rooms is not None else set()
+        if key not in rooms:
+            raise domain.NotAMember(f"you are not a member of {room.name}")
+        new = domain.decide_leave_room(session.name, session.next_version(), room.name, command_id=new_command_id())
+        rooms.discard(key)
+        try:
+            return (await self._submit(session, [new], "leave"))[0]
+        except BaseException:
+            rooms.add(key)
+            raise
+
+    def list_rooms(self, sid: str, request: object) -> dict[str, Any]:
+        """A page of every room, by casefolded name: ``{after, limit}``."""
+        session = self.sessions.active(sid)
+        req = domain.check_request({} if request is None else request, protocol.LIST_ROOMS)
+        after = req.get("after")
+        if after is not None and not isinstance(after, str):
+            raise domain.BadPayload("after must be a room name")
+        limit = req.get("limit", ROOM_LIST_MAX)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise domain.BadPayload(f"limit must be an integer from 1 to {ROOM_LIST_MAX}")
+        limit = min(limit, ROOM_LIST_MAX)
+        mine = session.rooms or set()
+        online = self.delivery.online
+        out: list[dict[str, Any]] = []
+        if after is None:
+            out.append(self._lobby_entry())
+        start = room_key(after) if after is not None else ""
+        keys = self.delivery.rooms.sorted_keys()
+        index = bisect.bisect_right(keys, start)
+        for key in keys[index : index + limit]:
+            room = self.delivery.rooms.rooms[key]
+            out.append(
+                {
+                    "room": room.name,
+                    "topic": room.topic,
+                    "members": len(room.members),
+                    "online": sum(1 for m in room.members if m in online),
+                    "member": key in mine,
+                }
+            )
+        return {"rooms": out, "more": index + limit < len(keys)}
+
+    def _lobby_entry(self) -> dict[str, Any]:
+        online = len(self.delivery.online)
+        return {"room": LOBBY, "topic": "", "members": max(len(self.heads), online), "online": online, "member": True}
+
+    def room_members(self, sid: str, request: object) -> dict[str, Any]:
+        """Members of a room and who of them is online; the lobby's members
+        are everyone who ever logged in, so it lists those online."""
+        self.sessions.active(sid)
+        req = domain.check_request(request, protocol.ROOM_MEMBERS)
+        _key, room = self._room(req.get("room"))
+        online = self.delivery.online
+        if room is None:
+            return {"room": LOBBY, "members": [{"name": n, "online": True} for n in online.names()]}
+        members = sorted(room.members, key=room.members.__getitem__)
+        return {"room": room.name, "members": [{"name": m, "online": m in online} for m in members]}
+
+    # -- conversations and read markers ---------------------------------------------
+    async def _markers(self, session: Session) -> dict[str, int]:
+        if session.markers is None:
+            t = read_markers_table
+            async with self.store.engine.connect() as conn:
+                rows = (await conn.execute(sa.select(t.c.scope, t.c.position).where(t.c.name == session.name))).all()
+            if session.markers is None:
+                session.markers = {scope: position for scope, position in rows}
+        return session.markers
+
+    async def conversations(self, sid: str) -> dict[str, Any]:
+        session = await self._room_session(sid)
+        return await self._summary(session)
+
+    async def push_conversations(self, session: Session) -> None:
+        """After a login or resume is delivered: the user's rooms and private
+        conversations with their unread counts."""
+        try:
+            summary = await self._summary(session)
+        except Exception as exc:
+            log.warning("could not build the conversations of %s: %s", session.name, exc)
+            return
+        if not session.socket_gone and session.state is State.ACTIVE:
+            self.delivery.reply(session.sid, protocol.CONVERSATIONS, lambda: summary)
+
+    async def _summary(self, session: Session) -> dict[str, Any]:
+        through = self.delivery.dispatched
+        name = session.name
+        view = self.delivery.rooms
+        online = self.delivery.online
+        markers = await self._markers(session)
+        peers: list[tuple[str, int]] = []
+        if name in view.talkers:
+            t = conversations_table
+            async with self.store.engine.connect() as conn:
+                peers = [
+                    (r.peer, r.last_position)
+                    for r in await conn.execute(
+                        sa.select(t.c.peer, t.c.last_position)
+                        .where(t.c.name == name)
+                        .order_by(t.c.last_position.desc())
+                        .limit(self.settings.conversations_max)
+                    )
+                ]
+        # What each conversation was read up to: a room, from the member's
+        # join unless marked; the lobby, from this login; a peer, from the start.
+        read: dict[str, int] = {}
+        entries: list[tuple[str, dict[str, Any]]] = []
+        lobby = self._lobby_entry()
+        del lobby["member"]
+        read[LOBBY_SCOPE] = markers.get(LOBBY_SCOPE, session.login_position or through)
+        entries.append((LOBBY_SCOPE, lobby))
+        rooms = sorted(
+            (view.rooms[key] for key in (session.rooms or ()) if key in view.rooms), key=lambda r: room_key(r.name)
+        )
+        for room in rooms:
+            scope = room_scope(room.name)
+            read[scope] = markers.get(scope, room.members.get(name, 0))
+            entries.append(
+                (
+                    scope,
+                    {
+                        "room": room.name,
+                        "topic": room.topic,
+                        "members": len(room.members),
+                        "online": sum(1 for m in room.members if m in online),
+                    },
+                )
+            )
+        private: list[tuple[str, dict[str, Any]]] = []
+        for peer, _last in peers:
+            scope = private_scope(name, peer)
+            read[scope] = markers.get(f"peer:{peer}", 0)
+            private.append((scope, {"with": peer, "online": peer in online}))
+        state = await self.store.conversation_state(
+            read, through=through, types=_UNREAD_TYPES, not_stream=user_stream(name), cap=self.settings.unread_cap
+        )
+        for scope, entry in (*entries, *private):
+            unread, last = state.get(scope, (0, 0))
+            entry.update(unread=unread, lastPosition=last, readPosition=read[scope])
+        return {
+            "position": through,
+            "rooms": [entry for _scope, entry in entries],
+            "private": [entry for _scope, entry in private],
+        }
+
+    async def mark_read(self, sid: str, request: object) -> dict[str, Any]:
+        session = await self._room_session(sid)
+        req = domain.check_request(request, protocol.MARK_READ)
+        if (req.get("room") is None) == (req.get("with") is None):
+            raise domain.BadPayload("markRead takes {room, position} or {with, position}")
+        position = domain.check_position(req.get("position"), self.delivery.dispatched)
+        room_name, peer = "", ""
+        if req.get("room") is not None:
+            key, room = self._room(req.get("room"))
+            if room is not None and key not in (session.rooms or ()):
+                raise domain.NotAMember(f"you are not a member of {room.name}")
+            room_name = room.name if room is not None else LOBBY
+            scope = room_scope(room_name)
+        else:
+            peer = self._known_user(req.get("with"))
+            scope = f"peer:{peer}"
+        markers = await self._markers(session)
+        self._still_active(session)
+        new = domain.decide_read(
+            session.name, session.version + 1, position, marked=markers.get(scope, 0), room=room_name, peer=peer
+        )
+        if new is None:
+            return {"position": markers.get(scope, 0)}
+        session.next_version()
+        await self._submit(session, [new], "read marker")
+        markers[scope] = max(markers.get(scope, 0), position)
+        return {"position": position}
+
+    def _known_user(self, raw: object) -> str:
+        try:
+            name = domain.check_name(raw)
+        except domain.NameBad:
+            raise domain.NoSuchUser("there is no user of that name") from None
+        if user_stream(name) not in self.heads:
+            raise domain.NoSuchUser(f"no user named {name} has ever logged in")
+        return name
+
+    @staticmethod
+    def _still_active(session: Session) -> None:
+        if session.socket_gone or session.state is not State.ACTIVE:
+            raise domain.NotLoggedIn("the session ended")
 
     def online_users(self, sid: str) -> list[str]:
         """Answer now (for an ack) and queue the event reply behind pending emits."""
@@ -324,10 +670,25 @@ class Commands:
         return self.delivery.online.names()
 
     async def history(self, sid: str, request: object) -> dict[str, Any]:
-        """A page of older history: ``{before, limit}`` -> ``{items, reachedStart}``."""
-        self.sessions.active(sid)
+        """A page of older history: ``{before, limit, room | with}`` ->
+        ``{items, reachedStart}`` of the lobby, a room the user is a member
+        of, or the user's private conversation with another."""
+        session = self.sessions.active(sid)
         before, limit = domain.check_page(request, cap=self.settings.history_page_max)
-        items = await self.store.latest(limit=limit + 1, before=before, types=VISIBLE_TYPES)
+        req = request if isinstance(request, dict) else {}
+        scope = LOBBY_SCOPE
+        if req.get("room") is not None and req.get("with") is not None:
+            raise domain.BadPayload("history takes a room or a user (with), not both")
+        if req.get("room") is not None:
+            await self._delivered(session)
+            key, room = self._room(req.get("room"))
+            if room is not None:
+                if key not in (session.rooms or ()):
+                    raise domain.NotAMember(f"you are not a member of {room.name}")
+                scope = room_scope(room.name)
+        elif req.get("with") is not None:
+            scope = private_scope(session.name, self._known_user(req.get("with")))
+        items = await self.store.latest(limit=limit + 1, before=before, scope=scope)
         reached_start = len(items) <= limit
         return protocol.history_payload(items[-limit:], reached_start)
 

@@ -101,6 +101,16 @@ class Settings:
     resume_ttl_seconds: int = 24 * 3600
     # A resume that missed more events than this is refused: log in again.
     resume_max_gap: int = 5000
+    # Rooms (the lobby counts for none of these limits).
+    room_name_max: int = 20  # characters of a room's name (at least 2)
+    room_topic_max: int = 200  # characters of a room's topic
+    rooms_max: int = 10_000  # rooms in all
+    rooms_per_user: int = 50  # rooms one user may be a member of
+    room_members_max: int = 1000  # members of one room
+    # Private conversations listed in ``conversations`` (the most recent).
+    conversations_max: int = 100
+    # Unread counts stop at this many ("100" means "100 or more").
+    unread_cap: int = 100
     # Seconds between looks for sessions the log shows open with no socket.
     reconcile_interval: float = 10.0
     # Seconds without a heartbeat after which a process sharing the log is
@@ -160,6 +170,13 @@ class Settings:
             history_page_max=_int(env, "CHAT_HISTORY_PAGE_MAX", defaults.history_page_max),
             resume_ttl_seconds=_int(env, "CHAT_RESUME_TTL", defaults.resume_ttl_seconds),
             resume_max_gap=_int(env, "CHAT_RESUME_MAX_GAP", defaults.resume_max_gap),
+            room_name_max=max(2, _int(env, "CHAT_ROOM_NAME_MAX", defaults.room_name_max)),
+            room_topic_max=_int(env, "CHAT_ROOM_TOPIC_MAX", defaults.room_topic_max),
+            rooms_max=_int(env, "CHAT_ROOMS_MAX", defaults.rooms_max),
+            rooms_per_user=_int(env, "CHAT_ROOMS_PER_USER", defaults.rooms_per_user),
+            room_members_max=_int(env, "CHAT_ROOM_MEMBERS_MAX", defaults.room_members_max),
+            conversations_max=_int(env, "CHAT_CONVERSATIONS_MAX", defaults.conversations_max),
+            unread_cap=max(1, _int(env, "CHAT_UNREAD_CAP", defaults.unread_cap)),
             reconcile_interval=_float(env, "CHAT_RECONCILE_INTERVAL", defaults.reconcile_interval),
             max_batch=_int(env, "CHAT_MAX_BATCH", defaults.max_batch),
             log_format=(env.get("CHAT_LOG_FORMAT") or defaults.log_format).lower(),

@@ -27,9 +27,20 @@ from typing import Any, Protocol
 
 from . import protocol
 from .config import Settings
-from .events import VISIBLE_TYPES, StoredEvent, UserLoggedIn
+from .events import (
+    LOBBY_SCOPE,
+    SHOWN_TYPES,
+    RoomJoined,
+    RoomLeft,
+    StoredEvent,
+    UserLoggedIn,
+    room_scope,
+    scope_of,
+    user_stream,
+)
 from .lifecycle import Session, Sessions, State
 from .projections import OnlineUsers, RecentHistory
+from .rooms import Audience, RoomsView
 from .store import EventStore
 
 log = logging.getLogger(__name__)
@@ -41,18 +52,23 @@ REPLAY_PAGE = 200
 class Publisher(Protocol):
     """Where emits go; the socket layer implements it.
 
-    ``enter_lobby`` must not suspend before the socket is in the room, and
-    ``broadcast`` must take its recipients before it first suspends: the
-    hand-off from a replay to live delivery relies on both.
+    ``enter`` does not suspend, and ``broadcast`` must take its recipients
+    before it first suspends: the hand-off from a replay to live delivery
+    relies on both.
     """
 
     async def send(self, sid: str, event: str, data: Any = None) -> None: ...
 
-    async def broadcast(self, event: str, data: Any = None, *, last: bool = False) -> None:
-        """``last``: nothing more is emitted before ``flush``, so it may be
-        written at once."""
+    async def broadcast(self, event: str, data: Any = None, *, to: list[str] | None = None, last: bool = False) -> None:
+        """To the sockets in any of the Socket.IO rooms ``to`` (default: the
+        lobby), each once. ``last``: nothing more is emitted before
+        ``flush``, so it may be written at once."""
 
-    async def enter_lobby(self, sid: str) -> None: ...
+    def enter(self, sid: str, rooms: list[str]) -> None: ...
+
+    def leave(self, sid: str, room: str) -> None: ...
+
+    def sids_in(self, room: str) -> list[str]: ...
 
     async def disconnect(self, sid: str) -> None: ...
 
@@ -112,16 +128,21 @@ class Delivery:
         *,
         on_followed: Callable[[list[StoredEvent]], None] = lambda _events: None,
         on_applied: Callable[[StoredEvent], None] = lambda _event: None,
+        on_delivered: Callable[[Session], None] = lambda _session: None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.publisher = publisher
         self.sessions = sessions
         self.online = OnlineUsers()
+        self.rooms = RoomsView()
         self.recent = RecentHistory(settings.history_size)
         self._history_items = protocol.HistoryItems(settings.history_size)
         self._on_followed = on_followed
         self._on_applied = on_applied
+        # A session's login (or resume replay) has been delivered: it may
+        # be sent its conversations.
+        self._on_delivered = on_delivered
         self._outbox: asyncio.Queue[OutboxItem] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._catch_ups: dict[str, asyncio.Task[None]] = {}
@@ -138,9 +159,13 @@ class Delivery:
         self.first_visible: int | None = None
 
     # -- lifecycle -----------------------------------------------------------
-    def start(self, online: OnlineUsers, recent: list[StoredEvent], first_visible: int | None) -> None:
-        """Start at the position ``online`` reflects (``recent`` must end there)."""
+    def start(
+        self, online: OnlineUsers, rooms: RoomsView, recent: list[StoredEvent], first_visible: int | None
+    ) -> None:
+        """Start at the position ``online`` and ``rooms`` reflect (``recent``
+        must end there)."""
         self.online = online
+        self.rooms = rooms
         self.recent.apply_all(recent)
         self.applied = self.dispatched = online.position
         self.first_visible = first_visible
@@ -278,11 +303,12 @@ class Delivery:
             return
         try:
             self.online.apply(stored)
+            self.rooms.apply(stored)
             self.recent.apply(stored)
         except Exception:
             log.exception("could not apply event %d (%s)", stored.position, stored.type)
         self.applied = stored.position
-        if self.first_visible is None and stored.type in VISIBLE_TYPES:
+        if self.first_visible is None and scope_of(stored.event) == LOBBY_SCOPE:
             self.first_visible = stored.position
         self._on_applied(stored)
 
@@ -292,41 +318,76 @@ class Delivery:
             session = self.sessions.by_id(event.session)
             if session is None or session.socket_gone or session.state is not State.ACTIVE:
                 return
+            # The view is at this login: every earlier join and leave of the
+            # user is in it, and every later one is the session's own.
+            session.rooms = self.rooms.rooms_of(event.name)
+            session.delivered.set()
             await self.publisher.send(session.sid, protocol.WELCOME, protocol.welcome_payload(stored, session.token))
             if session.resume_after is None:
                 size = self.settings.history_size
                 items = self.recent.last(size, before=stored.position)
                 reached_start = len(items) < size or (bool(items) and items[0].position == self.first_visible)
                 await self.publisher.send(session.sid, protocol.HISTORY, self._history_items.payload(items, reached_start))
-                await self.publisher.enter_lobby(session.sid)
+                self.publisher.enter(session.sid, self._live_rooms(event.name))
+                self._on_delivered(session)
             else:
                 self._catch_ups[session.sid] = asyncio.create_task(
                     self._catch_up(session, session.resume_after), name=f"catch-up-{session.sid}"
                 )
             return
         packet = protocol.live_packet(stored)
-        if packet is not None:
-            await self.publisher.broadcast(*packet, last=last)
+        if packet is None:
+            return
+        if isinstance(event, RoomJoined):
+            # In the room before its join goes out: the joiner sees it too.
+            for sid in self.publisher.sids_in(protocol.user_room(event.name)):
+                self.publisher.enter(sid, [room_scope(event.room)])
+        await self.publisher.broadcast(*packet, to=protocol.audience(stored), last=last)
+        if isinstance(event, RoomLeft):
+            for sid in self.publisher.sids_in(protocol.user_room(event.name)):
+                self.publisher.leave(sid, room_scope(event.room))
+
+    def _live_rooms(self, name: str) -> list[str]:
+        """The Socket.IO rooms a logged-in socket of ``name`` listens in."""
+        return [
+            protocol.LOBBY_ROOM,
+            protocol.user_room(name),
+            *(f"room:{key}" for key in self.rooms.rooms_of(name)),
+        ]
 
     # -- resume replays -----------------------------------------------------------
+    async def _audience_at(self, name: str, after: int) -> Audience:
+        """Who ``name`` was at ``after``: the rooms the view has now, less
+        the user's own joins and leaves since (a resume's gap is bounded, so
+        this read is too)."""
+        rooms_now, applied = self.rooms.rooms_of(name), self.applied
+        changes = await self.store.read_all(
+            after=after, before=applied + 1, streams=[user_stream(name)], types=[RoomJoined.type, RoomLeft.type]
+        )
+        return Audience.rewound(name, rooms_now, changes)
+
     async def _catch_up(self, session: Session, after: int) -> None:
         """Send ``session``'s socket every visible event after ``after`` up to
         what the dispatcher has published, page by page, then put it in the
         lobby: exactly once, in order."""
         sid = session.sid
         try:
+            audience = await self._audience_at(session.name, after)
             while True:
                 target = self.dispatched
                 if after >= target:
                     if session.socket_gone or session.state is not State.ACTIVE:
                         return
                     # No await between finding nothing new and joining.
-                    await self.publisher.enter_lobby(sid)
+                    self.publisher.enter(sid, self._live_rooms(session.name))
+                    self._on_delivered(session)
                     return
-                page = await self.store.read_all(after=after, before=target + 1, limit=REPLAY_PAGE, types=VISIBLE_TYPES)
+                page = await self.store.read_all(after=after, before=target + 1, limit=REPLAY_PAGE, types=SHOWN_TYPES)
                 if session.socket_gone or session.state is not State.ACTIVE:
                     return
                 for stored in page:
+                    if not audience.sees(stored):
+                        continue
                     packet = protocol.live_packet(stored)
                     if packet is not None:
                         await self.publisher.send(sid, *packet)

@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 from typing import TypeGuard
 
 from .events import (
     LEFT_DISCONNECTED,
     LEFT_TAKEN_OVER,
+    LOBBY,
+    ConversationRead,
     MessagePosted,
     NewEvent,
+    PrivateMessageSent,
+    RoomCreated,
+    RoomJoined,
+    RoomLeft,
     UserJoined,
     UserLeft,
     UserLoggedIn,
+    room_key,
+    room_stream,
     user_stream,
 )
 from .store import StreamHead
@@ -78,6 +87,38 @@ class ServerFailed(DomainError):
     code = "server_error"
 
 
+class RoomNameBad(DomainError):
+    code = "room_name_bad"
+
+
+class RoomExists(DomainError):
+    code = "room_exists"
+
+
+class NoSuchRoom(DomainError):
+    code = "no_such_room"
+
+
+class NotAMember(DomainError):
+    code = "not_a_member"
+
+
+class RoomFull(DomainError):
+    code = "room_full"
+
+
+class TooManyRooms(DomainError):
+    code = "too_many_rooms"
+
+
+class NoSuchUser(DomainError):
+    code = "no_such_user"
+
+
+class CannotLeaveLobby(DomainError):
+    code = "cannot_leave_lobby"
+
+
 class ResumeRefused(DomainError):
     """A resume token that is unknown, superseded, expired or malformed."""
 
@@ -127,11 +168,6 @@ _EMOJI_BLOCKS = (0x1F000, 0x1FAFF)
 # these (and whitespace) alone is empty.
 _MESSAGE_INVISIBLE_KEPT = _MESSAGE_FORMAT_KEPT | frozenset(range(0xFE00, 0xFE10)) | frozenset(range(0xE0100, 0xE01F0))
 
-# Names longer than this (before NFC) are refused without normalizing: NFC
-# composes a character from at most a handful of code points (a base and its
-# marks), so nothing this long comes out at NAME_MAX characters.
-_NAME_RAW_MAX = NAME_MAX * 8
-
 
 def _invisible_in_name(ch: str) -> bool:
     code = ord(ch)
@@ -179,20 +215,36 @@ def check_name(value: object) -> str:
     a row. Case is kept and compared exactly, as in the seed. HTML in a name is
     allowed: names are text, and clients must show them as text.
     """
+    return _check_visible_name(value, NAME_MIN, NAME_MAX, NameBad, "a name")
+
+
+ROOM_NAME_MIN = 2
+
+
+def check_room_name(value: object, *, max_chars: int) -> str:
+    """A room's name: the rules of user names (NFC, visible characters,
+    single inner spaces), 2 to ``max_chars`` characters (``room_name_bad``).
+    Rooms are one room whatever the case (``events.room_key``)."""
+    return _check_visible_name(value, ROOM_NAME_MIN, max_chars, RoomNameBad, "a room name")
+
+
+def _check_visible_name(value: object, low: int, high: int, error: type[DomainError], what: str) -> str:
     if not isinstance(value, str) or not value:
-        raise NameBad("a name must be a non-empty string")
-    if len(value) > _NAME_RAW_MAX:
-        raise NameBad(f"a name must be {NAME_MIN} to {NAME_MAX} characters long")
+        raise error(f"{what} must be a non-empty string")
+    # NFC composes a character from at most a handful of code points (a base
+    # and its marks): nothing longer than this comes out at ``high``.
+    if len(value) > high * 8:
+        raise error(f"{what} must be {low} to {high} characters long")
     if _has_lone_surrogate(value):
-        raise NameBad("a name must be valid Unicode text (no lone surrogates)")
+        raise error(f"{what} must be valid Unicode text (no lone surrogates)")
     name = unicodedata.normalize("NFC", value)
-    if not NAME_MIN <= len(name) <= NAME_MAX:
-        raise NameBad(f"a name must be {NAME_MIN} to {NAME_MAX} characters long")
+    if not low <= len(name) <= high:
+        raise error(f"{what} must be {low} to {high} characters long")
     if not name.isprintable() or not name.isascii():
         if any(_refused_in_name(ch) for ch in set(name)):
-            raise NameBad("a name must be visible text: no control, format, invisible or special space characters")
+            raise error(f"{what} must be visible text: no control, format, invisible or special space characters")
     if name != name.strip(" ") or "  " in name:
-        raise NameBad("a name must not start or end with a space, nor hold two spaces in a row")
+        raise error(f"{what} must not start or end with a space, nor hold two spaces in a row")
     return name
 
 
@@ -323,3 +375,130 @@ def decide_chat(sender: str, version: int, message: str, *, command_id: str | No
 
 def decide_leave(name: str, version: int, reason: str = LEFT_DISCONNECTED, *, command_id: str | None = None) -> NewEvent:
     return NewEvent(user_stream(name), version, UserLeft(name=name, reason=reason), command_id)
+
+
+# -- rooms and private messages --------------------------------------------------
+
+
+def check_topic(value: object, *, max_chars: int) -> str:
+    """A room's topic: optional, message text rules, at most ``max_chars``."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise BadPayload("a topic must be a string")
+    if len(value) > max_chars:
+        raise MessageTooLong(f"a topic may have at most {max_chars} characters")
+    try:
+        return check_message(value, max_chars=max_chars)
+    except MessageEmpty:
+        return ""
+
+
+def check_request(value: object, event: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise BadPayload(f"{event} takes an object")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a chat goes: the lobby, a room, or one user."""
+
+    room: str | None = None  # a room name as the client wrote it (not the lobby)
+    to: str | None = None  # a user name (a private message)
+
+
+def check_target(options: dict[str, object], *, room_name_max: int) -> Target:
+    room, to = options.get("room"), options.get("to")
+    if room is not None and to is not None:
+        raise BadPayload("a chat goes to a room or to a user, not both")
+    if to is not None:
+        if not isinstance(to, str):
+            raise BadPayload("to must be a user name")
+        try:
+            return Target(to=check_name(to))
+        except NameBad:
+            raise NoSuchUser("there is no user of that name") from None
+    if room is not None:
+        name = check_room_name(room, max_chars=room_name_max)
+        return Target() if room_key(name) == LOBBY else Target(room=name)
+    return Target()
+
+
+def decide_create_room(
+    creator: str,
+    version: int,
+    room: str,
+    topic: str,
+    *,
+    exists: bool,
+    rooms: int,
+    member_of: int,
+    rooms_max: int,
+    rooms_per_user: int,
+    command_id: str | None = None,
+) -> list[NewEvent]:
+    """A room and its creator's membership, appended together: the room's
+    stream starts at version 1, so of two creations of one name one fails."""
+    if exists or room_key(room) == LOBBY:
+        raise RoomExists(f"a room named {room} exists already")
+    if rooms >= rooms_max:
+        raise TooManyRooms(f"this server holds its maximum of {rooms_max} rooms")
+    if member_of >= rooms_per_user:
+        raise TooManyRooms(f"you are a member of {rooms_per_user} rooms, the most one may be")
+    return [
+        NewEvent(room_stream(room), 1, RoomCreated(room=room, creator=creator, topic=topic), command_id),
+        NewEvent(user_stream(creator), version, RoomJoined(name=creator, room=room), command_id),
+    ]
+
+
+def decide_join_room(
+    name: str,
+    version: int,
+    room: str,
+    *,
+    members: int,
+    member_of: int,
+    members_max: int,
+    rooms_per_user: int,
+    command_id: str | None = None,
+) -> NewEvent:
+    """``room`` as the room is named (its creator's spelling)."""
+    if members >= members_max:
+        raise RoomFull(f"{room} has its maximum of {members_max} members")
+    if member_of >= rooms_per_user:
+        raise TooManyRooms(f"you are a member of {rooms_per_user} rooms, the most one may be")
+    return NewEvent(user_stream(name), version, RoomJoined(name=name, room=room), command_id)
+
+
+def decide_leave_room(name: str, version: int, room: str, *, command_id: str | None = None) -> NewEvent:
+    return NewEvent(user_stream(name), version, RoomLeft(name=name, room=room), command_id)
+
+
+def decide_room_chat(sender: str, version: int, room: str, message: str, *, command_id: str | None = None) -> NewEvent:
+    return NewEvent(user_stream(sender), version, MessagePosted(sender=sender, message=message, room=room), command_id)
+
+
+def decide_private_message(
+    sender: str, version: int, recipient: str, message: str, *, known: bool, command_id: str | None = None
+) -> NewEvent:
+    if not known:
+        raise NoSuchUser(f"no user named {recipient} has ever logged in")
+    if recipient == sender:
+        raise BadPayload("a private message goes to someone else")
+    return NewEvent(
+        user_stream(sender),
+        version,
+        PrivateMessageSent(sender=sender, recipient=recipient, message=message),
+        command_id,
+    )
+
+
+def decide_read(
+    name: str, version: int, position: int, *, marked: int, room: str = "", peer: str = ""
+) -> NewEvent | None:
+    """Mark read up to ``position``; nothing happens if that is not past the
+    marker already stored (``marked``)."""
+    if position <= marked:
+        return None
+    return NewEvent(user_stream(name), version, ConversationRead(name=name, position=position, room=room, peer=peer))

@@ -9,6 +9,7 @@ second process or socket cannot claim a name that changed under it.
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
@@ -51,10 +52,78 @@ class UserLeft:
     room: str = LOBBY
 
 
-DomainEvent = UserLoggedIn | UserJoined | MessagePosted | UserLeft
+@dataclass(frozen=True, slots=True)
+class RoomCreated:
+    """A room came to be; its stream is ``room-<key>`` and this is its
+    version 1, so the log's uniqueness constraint makes the name taken once."""
+
+    type: ClassVar[str] = "RoomCreated"
+    room: str
+    creator: str
+    topic: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RoomJoined:
+    """A user became a member of a room (not the lobby: every login is)."""
+
+    type: ClassVar[str] = "RoomJoined"
+    name: str
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoomLeft:
+    type: ClassVar[str] = "RoomLeft"
+    name: str
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateMessageSent:
+    type: ClassVar[str] = "PrivateMessageSent"
+    sender: str
+    recipient: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRead:
+    """``name`` has read a room (``room``) or a private conversation with
+    ``peer`` up to ``position``."""
+
+    type: ClassVar[str] = "ConversationRead"
+    name: str
+    position: int
+    room: str = ""
+    peer: str = ""
+
+
+DomainEvent = (
+    UserLoggedIn
+    | UserJoined
+    | MessagePosted
+    | UserLeft
+    | RoomCreated
+    | RoomJoined
+    | RoomLeft
+    | PrivateMessageSent
+    | ConversationRead
+)
 
 EVENT_TYPES: dict[str, type[DomainEvent]] = {
-    cls.type: cls for cls in (UserLoggedIn, UserJoined, MessagePosted, UserLeft)
+    cls.type: cls
+    for cls in (
+        UserLoggedIn,
+        UserJoined,
+        MessagePosted,
+        UserLeft,
+        RoomCreated,
+        RoomJoined,
+        RoomLeft,
+        PrivateMessageSent,
+        ConversationRead,
+    )
 }
 
 # Short names the CLI and documentation use for the event types.
@@ -63,6 +132,11 @@ TYPE_ALIASES: dict[str, str] = {
     "join": UserJoined.type,
     "chat": MessagePosted.type,
     "leave": UserLeft.type,
+    "room-created": RoomCreated.type,
+    "room-join": RoomJoined.type,
+    "room-leave": RoomLeft.type,
+    "private": PrivateMessageSent.type,
+    "read": ConversationRead.type,
 }
 
 # Reasons recorded on UserLeft.
@@ -78,10 +152,56 @@ LEFT_NODE_LOST = "node lost"
 
 # What a client in the lobby is entitled to see: history and replays carry these.
 VISIBLE_TYPES: tuple[str, ...] = (UserJoined.type, MessagePosted.type, UserLeft.type)
+# Everything some client may be shown (who may see which one is the scope's
+# business: see ``scope_of``).
+SHOWN_TYPES: tuple[str, ...] = (
+    *VISIBLE_TYPES,
+    RoomCreated.type,
+    RoomJoined.type,
+    RoomLeft.type,
+    PrivateMessageSent.type,
+)
 
 
 def user_stream(name: str) -> str:
     return f"user-{name}"
+
+
+def room_key(room: str) -> str:
+    """Room names are one name whatever their case: the key is the casefolded
+    name (casefolding can denormalize, so NFC again)."""
+    return unicodedata.normalize("NFC", room.casefold())
+
+
+def room_stream(room: str) -> str:
+    return f"room-{room_key(room)}"
+
+
+def room_scope(room: str) -> str:
+    return f"room:{room_key(room)}"
+
+
+LOBBY_SCOPE = room_scope(LOBBY)
+
+
+def private_scope(a: str, b: str) -> str:
+    """One conversation between two names, whoever wrote: names cannot hold
+    a tab, so the pair is unambiguous."""
+    first, second = sorted((a, b))
+    return f"dm:{first}\t{second}"
+
+
+def scope_of(event: DomainEvent) -> str | None:
+    """The conversation an event belongs to: who may see it, and the indexed
+    ``scope`` column that history, unread counts and chat-replay filter on.
+    None: no client is shown it."""
+    if isinstance(event, MessagePosted | RoomJoined | RoomLeft | RoomCreated):
+        return room_scope(event.room)
+    if isinstance(event, UserJoined | UserLeft):
+        return room_scope(event.room)
+    if isinstance(event, PrivateMessageSent):
+        return private_scope(event.sender, event.recipient)
+    return None
 
 
 # Field names per type, looked up once: dataclasses.asdict deep-copies and

@@ -925,8 +925,9 @@ class FanoutPublisher(SocketIOPublisher):
     async def send(self, sid: str, event: str, data: Any = None) -> None:
         await self.manager.emit(event, data, "/", room=sid)
 
-    async def broadcast(self, event: str, data: Any = None, *, last: bool = False) -> None:
-        await self.manager.emit(event, data, "/", room=protocol.LOBBY_ROOM, write_now=last)
+    async def broadcast(self, event: str, data: Any = None, *, to: list[str] | None = None, last: bool = False) -> None:
+        room: Any = protocol.LOBBY_ROOM if to is None else to[0] if len(to) == 1 else to
+        await self.manager.emit(event, data, "/", room=room, write_now=last)
 
     def flush(self) -> None:
         self.manager.server.eio.flusher.flush()

@@ -94,6 +94,14 @@ class Session:
     leave_attempts: int = 0
     # Resolved when the session is CLOSED (a login of the same name waits on it).
     closed: asyncio.Future[None] | None = None
+    # The keys of the rooms it is a member of: taken from the live view when
+    # its login is delivered (the view is at the login's position then), and
+    # kept by its own joins and leaves as they are submitted (a user's
+    # membership changes only through its session). None until delivered.
+    rooms: set[str] | None = None
+    delivered: asyncio.Event = field(default_factory=asyncio.Event)
+    # Its read markers (scope -> position), read once when first needed.
+    markers: dict[str, int] | None = None
 
     def next_version(self) -> int:
         """The stream version of this session's next event (the only place

@@ -19,12 +19,13 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .events import VISIBLE_TYPES, StoredEvent, UserJoined, UserLeft, UserLoggedIn
+from . import rooms
+from .events import LOBBY_SCOPE, StoredEvent, UserJoined, UserLeft, UserLoggedIn, scope_of
 from .store import EventStore, metadata
 
 online_users_table = sa.Table(
@@ -57,6 +58,8 @@ resume_tokens_table = sa.Table(
 )
 
 ONLINE_USERS = "online_users"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +126,7 @@ class RecentHistory:
         self._items: deque[StoredEvent] = deque(maxlen=max(size, 1))
 
     def apply(self, stored: StoredEvent) -> None:
-        if stored.type in VISIBLE_TYPES:
+        if scope_of(stored.event) == LOBBY_SCOPE:
             self._items.append(stored)
 
     def apply_all(self, events: Iterable[StoredEvent]) -> None:
@@ -211,6 +214,9 @@ async def save(conn: AsyncConnection, stored: list[StoredEvent]) -> None:
             online[event.name] = None
     await _replace(conn, _INSERT_ONLINE, _DELETE_ONLINE, online)
     await _replace(conn, _INSERT_GRANTS, _DELETE_GRANTS, grants)
+    keyed = rooms.fold_changes(stored)
+    if keyed:
+        await rooms.write(conn, keyed)
     if stored:
         await _set_position(conn, ONLINE_USERS, stored[-1].position)
 
@@ -332,6 +338,9 @@ class _Folder:
         self.grants: dict[str, dict[str, object] | None] = {}
         self.dirty_online: set[str] = set()
         self.dirty_grants: set[str] = set()
+        # The rows of the rooms module's tables, as the fold has them.
+        self.keyed: dict[rooms.RowKey, rooms.Row] = {}
+        self.dirty_keyed: set[rooms.RowKey] = set()
         # Rebuild folds the log's past without marking: the comparison with
         # the tables decides which of those names need a write.
         self.marking = True
@@ -347,9 +356,13 @@ class _Folder:
         elif isinstance(event, UserJoined | UserLeft):
             if self.marking:
                 self.dirty_online.add(event.name)
+        for key, row in rooms.changes(stored):
+            self.keyed[key] = row
+            if self.marking:
+                self.dirty_keyed.add(key)
 
     def pending(self) -> int:
-        return len(self.dirty_online) + len(self.dirty_grants)
+        return len(self.dirty_online) + len(self.dirty_grants) + len(self.dirty_keyed)
 
     def online_row(self, name: str) -> dict[str, object] | None:
         user = self.view.get(name)
@@ -370,7 +383,7 @@ async def _fold_unlocked(store: EventStore, folder: _Folder) -> None:
             return
 
 
-def _take(names: set[str], n: int) -> list[str]:
+def _take(names: set[T], n: int) -> list[T]:
     return [names.pop() for _ in range(min(n, len(names)))]
 
 
@@ -407,8 +420,11 @@ async def _settle(store: EventStore, writer_engine: AsyncEngine, folder: _Folder
                 budget = folder.pending() if final else WRITE_CHUNK
                 online = _take(folder.dirty_online, budget)
                 grants = _take(folder.dirty_grants, budget - len(online))
+                keyed = _take(folder.dirty_keyed, budget - len(online) - len(grants))
                 await _replace(conn, _INSERT_ONLINE, _DELETE_ONLINE, {n: folder.online_row(n) for n in online})
                 await _replace_grants(conn, {n: folder.grant_row(n) for n in grants})
+                if keyed:
+                    await rooms.write(conn, {k: folder.keyed.get(k) for k in keyed})
                 if final:
                     await _set_position(conn, ONLINE_USERS, folder.view.position)
         held = time.monotonic() - started
@@ -490,6 +506,19 @@ async def _mark_differences(
     dirty.update(name for name, row in wanted.items() if row is not None and name not in seen)
 
 
+async def _mark_keyed_differences(engine: AsyncEngine, folder: _Folder) -> None:
+    """``_mark_differences`` for the rooms module's tables (composite keys)."""
+    seen: set[rooms.RowKey] = set()
+    for table in rooms.KEYED_TABLES:
+        async for row in rooms.scan(engine, table, SCAN_CHUNK):
+            key = rooms.row_key(table, row)
+            seen.add(key)
+            wanted = folder.keyed.get(key)
+            if wanted is None or dict(row._mapping) != wanted:
+                folder.dirty_keyed.add(key)
+    folder.dirty_keyed.update(key for key, row in folder.keyed.items() if row is not None and key not in seen)
+
+
 async def rebuild(
     store: EventStore, writer_engine: AsyncEngine, stats: FoldStats | None = None
 ) -> OnlineUsers:
@@ -512,6 +541,7 @@ async def rebuild(
     online = {user.name: _online_row(user) for user in folder.view.users()}
     await _mark_differences(store.engine, online_users_table, online, folder.dirty_online)
     await _mark_differences(store.engine, resume_tokens_table, folder.grants, folder.dirty_grants)
+    await _mark_keyed_differences(store.engine, folder)
     view = await _settle(store, writer_engine, folder)
     stats.resume_tokens = sum(row is not None for row in folder.grants.values())
     return view

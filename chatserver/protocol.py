@@ -9,7 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from .domain import DomainError
-from .events import MessagePosted, StoredEvent, UserJoined, UserLeft, UserLoggedIn
+from .events import (
+    LOBBY,
+    MessagePosted,
+    PrivateMessageSent,
+    RoomCreated,
+    RoomJoined,
+    RoomLeft,
+    StoredEvent,
+    UserJoined,
+    UserLeft,
+    UserLoggedIn,
+    room_scope,
+)
 from .metrics import STATS
 
 # client -> server
@@ -28,13 +40,33 @@ USER_LEFT = "userLeft"
 # client -> server (extensions)
 RESUME = "resume"
 # HISTORY is also a client request (a page of older items, answered by ack).
+CREATE_ROOM = "createRoom"
+JOIN_ROOM = "joinRoom"
+LEAVE_ROOM = "leaveRoom"
+LIST_ROOMS = "listRooms"
+ROOM_MEMBERS = "roomMembers"
+MARK_READ = "markRead"
+# CONVERSATIONS is also a client request (answered by ack).
 
 # server -> client (extensions)
 PROTOCOL_ERROR = "protocolError"
 HISTORY = "history"
 RESUME_FAILED = "resumeFailed"
+CONVERSATIONS = "conversations"
+ROOM_CREATED = "roomCreated"
+ROOM_JOINED = "roomJoined"
+ROOM_LEFT = "roomLeft"
+ROOM_CHAT = "roomChat"
+PRIVATE_MESSAGE = "privateMessage"
 
+# Socket.IO rooms (this process's routing, not the chat's rooms): every
+# logged-in socket is in the lobby's and its user's; a member's socket is in
+# each of its chat rooms' (named by the room's scope).
 LOBBY_ROOM = "lobby"
+
+
+def user_room(name: str) -> str:
+    return f"user:{name}"
 
 
 def iso_time(stored: StoredEvent) -> str:
@@ -70,10 +102,20 @@ def history_item(stored: StoredEvent) -> dict[str, Any]:
     item: dict[str, Any] = {"position": stored.position, "time": iso_time(stored)}
     if isinstance(event, MessagePosted):
         item.update(kind="chat", sender=event.sender, message=event.message)
+        if event.room != LOBBY:
+            item["room"] = event.room
     elif isinstance(event, UserJoined):
         item.update(kind="join", name=event.name)
     elif isinstance(event, UserLeft):
         item.update(kind="leave", name=event.name, reason=event.reason)
+    elif isinstance(event, RoomJoined):
+        item.update(kind="join", name=event.name, room=event.room)
+    elif isinstance(event, RoomLeft):
+        item.update(kind="leave", name=event.name, room=event.room)
+    elif isinstance(event, RoomCreated):
+        item.update(kind="created", name=event.creator, room=event.room, topic=event.topic)
+    elif isinstance(event, PrivateMessageSent):
+        item.update(kind="private", sender=event.sender, recipient=event.recipient, message=event.message)
     return item
 
 
@@ -107,10 +149,27 @@ class HistoryItems:
 
 
 def live_packet(stored: StoredEvent) -> tuple[str, Any] | None:
-    """The seed event a lobby socket receives for a stored event, if any."""
+    """The event a socket entitled to see ``stored`` receives, if any: the
+    seed's events for the lobby, the extensions' for rooms and private
+    messages (``audience`` says who is entitled)."""
     event = stored.event
     if isinstance(event, MessagePosted):
+        if event.room != LOBBY:
+            return ROOM_CHAT, {"room": event.room, **chat_payload(stored)}
         return CHAT, chat_payload(stored)
+    if isinstance(event, PrivateMessageSent):
+        return PRIVATE_MESSAGE, {
+            "sender": event.sender,
+            "recipient": event.recipient,
+            "message": event.message,
+            **event_meta(stored),
+        }
+    if isinstance(event, RoomJoined):
+        return ROOM_JOINED, {"room": event.room, "name": event.name, **event_meta(stored)}
+    if isinstance(event, RoomLeft):
+        return ROOM_LEFT, {"room": event.room, "name": event.name, **event_meta(stored)}
+    if isinstance(event, RoomCreated):
+        return ROOM_CREATED, {"room": event.room, "topic": event.topic, "creator": event.creator, **event_meta(stored)}
     # A join or leave keeps the seed's bare name as its first argument; a
     # second argument {position, time} lets a client track its position.
     if isinstance(event, UserJoined):
@@ -118,6 +177,19 @@ def live_packet(stored: StoredEvent) -> tuple[str, Any] | None:
     if isinstance(event, UserLeft):
         return USER_LEFT, (event.name, event_meta(stored))
     return None
+
+
+def audience(stored: StoredEvent) -> list[str]:
+    """The Socket.IO rooms whose sockets receive ``stored`` live."""
+    event = stored.event
+    if isinstance(event, MessagePosted):
+        return [LOBBY_ROOM] if event.room == LOBBY else [room_scope(event.room)]
+    if isinstance(event, RoomJoined | RoomLeft):
+        # The member's own sockets too: the leaver is no longer in the room.
+        return [room_scope(event.room), user_room(event.name)]
+    if isinstance(event, PrivateMessageSent):
+        return [user_room(event.sender), user_room(event.recipient)]
+    return [LOBBY_ROOM]
 
 
 def event_meta(stored: StoredEvent) -> dict[str, Any]:

@@ -18,15 +18,24 @@ from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import logsignal, projections
+from . import logsignal, projections, rooms
 from .commands import Commands, new_command_id
 from .config import Settings
 from .delivery import Delivery, Publisher
 from .domain import decide_leave
-from .events import LEFT_SERVER_RESTART, LEFT_SERVER_SHUTDOWN, VISIBLE_TYPES, StoredEvent, UserJoined, UserLeft, UserLoggedIn, user_stream
+from .events import (
+    LEFT_SERVER_RESTART,
+    LEFT_SERVER_SHUTDOWN,
+    LOBBY_SCOPE,
+    StoredEvent,
+    UserJoined,
+    UserLeft,
+    UserLoggedIn,
+    user_stream,
+)
 from .follower import LogFollower
 from .leases import NodeLease, owner_of
-from .lifecycle import Effect, Sessions, State
+from .lifecycle import Effect, Session, Sessions, State
 from .store import EventStore, StreamHead
 from .writer import EventWriter
 
@@ -56,7 +65,13 @@ class ChatService:
         in_transaction = [projections.save, *([logsignal.notifier(self._lease_id)] if shared else [])]
         self.writer = writer_factory(in_transaction=in_transaction, on_commit=self._committed)
         self.delivery = Delivery(
-            settings, store, publisher, self.sessions, on_followed=self._followed, on_applied=self._applied
+            settings,
+            store,
+            publisher,
+            self.sessions,
+            on_followed=self._followed,
+            on_applied=self._applied,
+            on_delivered=self._delivered,
         )
         self.commands = Commands(settings, store, self.writer, self.sessions, self.delivery)
         self.follower = LogFollower(
@@ -66,6 +81,7 @@ class ChatService:
         if self.listener is not None:
             self.follower.fast_read = self.listener.read_after
         self._reconciler: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.lease: NodeLease | None = None
 
     @property
@@ -79,10 +95,12 @@ class ChatService:
         if view.position < await self.store.head():
             # Written by something that did not maintain it: fold it forward.
             view = await projections.catch_up(self.store, writer_engine, view)
+        # Written in the same transactions as online_users: at its position.
+        rooms_view = await rooms.load(self.store.engine)
         recent = await self.store.latest(
-            limit=self.settings.history_size, before=view.position + 1, types=VISIBLE_TYPES
+            limit=self.settings.history_size, before=view.position + 1, scope=LOBBY_SCOPE
         )
-        first = await self.store.read_all(limit=1, types=VISIBLE_TYPES)
+        first = await self.store.read_all(limit=1, scope=LOBBY_SCOPE)
         # Every user stream's head, so logins of known-offline names skip a read.
         self.commands.heads = {
             stream: StreamHead(version, UserJoined.type if stream[len(USER_PREFIX) :] in view else UserLeft.type)
@@ -98,7 +116,7 @@ class ChatService:
             for u in view.users()
             if u.node == self.settings.node_name and (self.listener is None or owner_of(u.session) is None)
         ]
-        self.delivery.start(view, recent, first[0].position if first else None)
+        self.delivery.start(view, rooms_view, recent, first[0].position if first else None)
         self.writer.start()
         self.follower.start()
         if self.listener is not None:
@@ -149,6 +167,8 @@ class ChatService:
         await self.commands.close_sessions(reason, min(SHUTDOWN_LEAVES_TIMEOUT, self.settings.shutdown_timeout / 2))
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self._reconciler is not None:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -176,6 +196,11 @@ class ChatService:
                     effects.extend(self.sessions.login_committed(session))
         self.delivery.committed(stored)
         self.commands.carry_out(effects)
+
+    def _delivered(self, session: Session) -> None:
+        task = asyncio.create_task(self.commands.push_conversations(session), name=f"conversations-{session.sid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _followed(self, stored: list[StoredEvent]) -> None:
         self.commands.note_heads(stored)

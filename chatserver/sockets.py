@@ -21,6 +21,7 @@ from . import protocol
 from .commands import Commands
 from .config import Settings
 from .database import DatabaseUnavailable
+from .events import LOBBY, RoomCreated, RoomJoined, RoomLeft
 from .domain import (
     BadPayload,
     DomainError,
@@ -84,11 +85,23 @@ class SocketIOPublisher:
     async def send(self, sid: str, event: str, data: Any = None) -> None:
         await self.sio.emit(event, data, to=sid)
 
-    async def broadcast(self, event: str, data: Any = None, *, last: bool = False) -> None:
-        await self.sio.emit(event, data, room=protocol.LOBBY_ROOM)
+    async def broadcast(self, event: str, data: Any = None, *, to: list[str] | None = None, last: bool = False) -> None:
+        await self.sio.emit(event, data, room=to if to is not None else protocol.LOBBY_ROOM)
 
-    async def enter_lobby(self, sid: str) -> None:
-        await self.sio.enter_room(sid, protocol.LOBBY_ROOM)
+    def enter(self, sid: str, rooms: list[str]) -> None:
+        # The manager's synchronous form: nothing suspends before the socket
+        # is in every room (the hand-off from a replay relies on it).
+        for room in rooms:
+            try:
+                self.sio.manager.basic_enter_room(sid, "/", room)
+            except (KeyError, ValueError):
+                return  # the socket is gone
+
+    def leave(self, sid: str, room: str) -> None:
+        self.sio.manager.basic_leave_room(sid, "/", room)
+
+    def sids_in(self, room: str) -> list[str]:
+        return list(self.sio.manager.rooms.get("/", {}).get(room, {}))
 
     async def disconnect(self, sid: str) -> None:
         await self.sio.disconnect(sid)
@@ -129,6 +142,13 @@ class SocketHandlers:
         sio.on(protocol.ONLINE_USERS, self.on_online_users)
         sio.on(protocol.RESUME, self.on_resume)
         sio.on(protocol.HISTORY, self.on_history)
+        sio.on(protocol.CREATE_ROOM, self.on_create_room)
+        sio.on(protocol.JOIN_ROOM, self.on_join_room)
+        sio.on(protocol.LEAVE_ROOM, self.on_leave_room)
+        sio.on(protocol.LIST_ROOMS, self.on_list_rooms)
+        sio.on(protocol.ROOM_MEMBERS, self.on_room_members)
+        sio.on(protocol.CONVERSATIONS, self.on_conversations)
+        sio.on(protocol.MARK_READ, self.on_mark_read)
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         self._buckets[sid] = TokenBucket(
@@ -192,17 +212,96 @@ class SocketHandlers:
     async def on_chat(self, sid: str, *args: Any) -> dict[str, Any]:
         try:
             # The seed sends the message alone; a client may add {id} so that
-            # a retry of the same chat is stored once.
+            # a retry of the same chat is stored once, and {room} or {to} to
+            # send it to a room or to one user.
             if len(args) == 1:
                 options: Any = {}
             elif len(args) == 2 and isinstance(args[1], dict):
                 options = args[1]
             else:
-                raise BadPayload("chat takes the message and optionally {id}")
-            stored = await self._call(sid, protocol.CHAT, lambda: self.service.chat(sid, args[0], options.get("id")))
+                raise BadPayload("chat takes the message and optionally {id, room, to}")
+            stored = await self._call(
+                sid, protocol.CHAT, lambda: self.service.chat(sid, args[0], options.get("id"), options)
+            )
         except DomainError as exc:
             return self._refuse(sid, protocol.CHAT, exc)
         return protocol.ack_stored(stored)
+
+    # -- rooms, private conversations ---------------------------------------------
+    async def on_create_room(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def create() -> dict[str, Any]:
+            stored = await self.service.create_room(sid, self._one(protocol.CREATE_ROOM, args))
+            event = stored.event
+            assert isinstance(event, RoomCreated)
+            return {"room": event.room, "topic": event.topic, "position": stored.position}
+
+        return await self._request(sid, protocol.CREATE_ROOM, create)
+
+    async def on_join_room(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def join() -> dict[str, Any]:
+            request = self._one(protocol.JOIN_ROOM, args)
+            stored = await self.service.join_room(sid, request)
+            if stored is None:
+                _key, room = self.service._room(request.get("room"))
+                return {"room": room.name if room is not None else LOBBY, "position": None}
+            event = stored.event
+            assert isinstance(event, RoomJoined)
+            return {"room": event.room, "position": stored.position}
+
+        return await self._request(sid, protocol.JOIN_ROOM, join)
+
+    async def on_leave_room(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def leave() -> dict[str, Any]:
+            stored = await self.service.leave_room(sid, self._one(protocol.LEAVE_ROOM, args))
+            event = stored.event
+            assert isinstance(event, RoomLeft)
+            return {"room": event.room, "position": stored.position}
+
+        return await self._request(sid, protocol.LEAVE_ROOM, leave)
+
+    async def on_list_rooms(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def rooms() -> dict[str, Any]:
+            return self.service.list_rooms(sid, self._one(protocol.LIST_ROOMS, args, optional=True))
+
+        return await self._request(sid, protocol.LIST_ROOMS, rooms)
+
+    async def on_room_members(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def members() -> dict[str, Any]:
+            return self.service.room_members(sid, self._one(protocol.ROOM_MEMBERS, args))
+
+        return await self._request(sid, protocol.ROOM_MEMBERS, members)
+
+    async def on_conversations(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def conversations() -> dict[str, Any]:
+            if args and args[0] is not None:
+                raise BadPayload("conversations takes no arguments")
+            return await self.service.conversations(sid)
+
+        return await self._request(sid, protocol.CONVERSATIONS, conversations)
+
+    async def on_mark_read(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def mark() -> dict[str, Any]:
+            return await self.service.mark_read(sid, self._one(protocol.MARK_READ, args))
+
+        return await self._request(sid, protocol.MARK_READ, mark)
+
+    @staticmethod
+    def _one(event: str, args: tuple[Any, ...], *, optional: bool = False) -> Any:
+        if len(args) > 1 or (not args and not optional):
+            raise BadPayload(f"{event} takes one object")
+        value = args[0] if args else None
+        if value is not None and not isinstance(value, dict):
+            raise BadPayload(f"{event} takes one object")
+        return value
+
+    async def _request(self, sid: str, event: str, handle: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """An extension's request: its answer acknowledged ``{ok: true, ...}``,
+        its refusal as every refusal is."""
+        try:
+            answer = await self._call(sid, event, handle)
+        except DomainError as exc:
+            return self._refuse(sid, event, exc)
+        return {"ok": True, **answer}
 
     async def on_online_users(self, sid: str, *_args: Any) -> list[str] | dict[str, Any]:
         try:

@@ -31,6 +31,7 @@ from .events import (
     StoredEvent,
     UserLeft,
     from_payload,
+    scope_of,
     to_payload,
 )
 
@@ -40,6 +41,7 @@ metadata = sa.MetaData()
 # would store anything).
 STREAM_MAX = 200
 COMMAND_ID_MAX = 200
+SCOPE_MAX = 200
 VERSION_MAX = 2**31 - 1  # an INTEGER column
 
 events_table = sa.Table(
@@ -53,8 +55,13 @@ events_table = sa.Table(
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
     # Every event of one command carries its id (migration 0003; NULL before).
     sa.Column("command_id", sa.String(COMMAND_ID_MAX), nullable=True),
+    # The conversation the event belongs to (``events.scope_of``; migration
+    # 0005): derived from the payload, stored so that a room's history, its
+    # unread count and chat-replay's filters read an index, not the log.
+    sa.Column("scope", sa.String(SCOPE_MAX), nullable=True),
     sa.UniqueConstraint("stream", "version", name="uq_events_stream_version"),
     sa.Index("ix_events_command_id", "command_id"),
+    sa.Index("ix_events_scope_position", "scope", "position"),
 )
 
 
@@ -91,6 +98,7 @@ class EncodedEvent:
     new: NewEvent
     type: str
     payload: str  # JSON text
+    scope: str | None = None
 
     @property
     def command_id(self) -> str | None:
@@ -144,7 +152,10 @@ def encode(new: NewEvent) -> EncodedEvent:
         # orjson writes a NUL as this escape; so does a text holding those
         # six characters. Rare either way: only then are the strings walked.
         _check_payload_text(payload)
-    return EncodedEvent(new, type_, text)
+    scope = scope_of(new.event)
+    if scope is not None:
+        _check_text("the conversation", scope, SCOPE_MAX)
+    return EncodedEvent(new, type_, text, scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +275,7 @@ class EventStore:
                         "payload": r.payload,
                         "recorded_at": now,
                         "command_id": s.command_id,
+                        "scope": r.scope,
                     }
                     for s, r in zip(stored, rows, strict=True)
                 ],
@@ -371,8 +383,11 @@ class EventStore:
         before: int | None = None,
         types: Iterable[str] | None = None,
         streams: Iterable[str] | None = None,
+        scope: str | None = None,
     ) -> sa.Select[Any]:
         query = sa.select(events_table).where(events_table.c.position > after)
+        if scope is not None:
+            query = query.where(events_table.c.scope == scope)
         if before is not None:
             query = query.where(events_table.c.position < before)
         if types is not None:
@@ -389,9 +404,10 @@ class EventStore:
         limit: int | None = None,
         types: Iterable[str] | None = None,
         streams: Iterable[str] | None = None,
+        scope: str | None = None,
     ) -> AsyncIterator[StoredEvent]:
         """Events after a position, in position order, streamed (constant memory)."""
-        query = self._select(after=after, before=before, types=types, streams=streams).order_by(
+        query = self._select(after=after, before=before, types=types, streams=streams, scope=scope).order_by(
             events_table.c.position
         )
         if limit is not None:
@@ -413,11 +429,16 @@ class EventStore:
         return [e async for e in self.read(**kwargs)]
 
     async def latest(
-        self, *, limit: int, before: int | None = None, types: Iterable[str] | None = None
+        self,
+        *,
+        limit: int,
+        before: int | None = None,
+        types: Iterable[str] | None = None,
+        scope: str | None = None,
     ) -> list[StoredEvent]:
         """The last ``limit`` events before a position, oldest first."""
         query = (
-            self._select(before=before, types=types)
+            self._select(before=before, types=types, scope=scope)
             .order_by(events_table.c.position.desc())
             .limit(limit)
         )
@@ -425,6 +446,37 @@ class EventStore:
             rows = (await conn.execute(query)).all()
         return [_row_to_event(r) for r in reversed(rows)]
 
+
+    async def conversation_state(
+        self, read: dict[str, int], *, through: int, types: Iterable[str], not_stream: str, cap: int
+    ) -> dict[str, tuple[int, int]]:
+        """For each scope: how many events of ``types`` not in ``not_stream``
+        (the reader's own) lie in (read[scope], through], counted up to
+        ``cap``, and the position of its last event up to ``through``. Each
+        is a walk of the (scope, position) index that stops at ``cap`` rows,
+        so an old read marker costs no more than a recent one."""
+        e = events_table
+        types = list(types)
+        out: dict[str, tuple[int, int]] = {}
+        async with self.engine.connect() as conn:
+            for scope, start in read.items():
+                last = (
+                    await conn.execute(
+                        sa.select(sa.func.max(e.c.position)).where(e.c.scope == scope, e.c.position <= through)
+                    )
+                ).scalar()
+                count = 0
+                if last is not None and last > start:
+                    rows = (
+                        sa.select(e.c.position)
+                        .where(e.c.scope == scope, e.c.position > start, e.c.position <= through)
+                        .where(e.c.type.in_(types), e.c.stream != not_stream)
+                        .limit(cap)
+                        .subquery()
+                    )
+                    count = int((await conn.execute(sa.select(sa.func.count()).select_from(rows))).scalar_one())
+                out[scope] = (count, int(last or 0))
+        return out
 
 # -- following a shared log on PostgreSQL -------------------------------------
 # Every process reads each event another process appended, right after the

@@ -203,6 +203,12 @@ class Client:
         "protocolError",
         "history",
         "resumeFailed",
+        "conversations",
+        "roomCreated",
+        "roomJoined",
+        "roomLeft",
+        "roomChat",
+        "privateMessage",
     )
 
     def __init__(self, url: str) -> None:

@@ -13,6 +13,7 @@ from chatserver.database import create_engine
 from chatserver.delivery import Delivery
 from chatserver.events import MessagePosted, StoredEvent, UserJoined
 from chatserver.lifecycle import Sessions
+from chatserver.rooms import RoomsView
 from chatserver.projections import OnlineUsers
 from chatserver.store import EventStore
 
@@ -29,13 +30,19 @@ class RecordingPublisher:
     async def send(self, sid: str, event: str, data: Any = None) -> None:
         pass
 
-    async def broadcast(self, event: str, data: Any = None, *, last: bool = False) -> None:
+    async def broadcast(self, event: str, data: Any = None, *, to: list[str] | None = None, last: bool = False) -> None:
         if isinstance(data, dict) and data.get("message") in self.fail_on:
             raise RuntimeError("the transport broke")
         self.broadcasts.append((event, data))
 
-    async def enter_lobby(self, sid: str) -> None:
+    def enter(self, sid: str, rooms: list[str]) -> None:
         pass
+
+    def leave(self, sid: str, room: str) -> None:
+        pass
+
+    def sids_in(self, room: str) -> list[str]:
+        return []
 
     async def disconnect(self, sid: str) -> None:
         pass
@@ -63,7 +70,7 @@ async def test_one_failing_publish_does_not_drop_the_rest_of_the_batch(
 ) -> None:
     publisher = RecordingPublisher(fail_on={"two"})
     delivery = Delivery(Settings(), store, publisher, Sessions())
-    delivery.start(OnlineUsers(), [], None)
+    delivery.start(OnlineUsers(), RoomsView(), [], None)
     delivery.committed([chat(1, "one"), chat(2, "two"), chat(3, "three")])
     delivery.committed([chat(4, "four")])
     await asyncio.sleep(0.05)
@@ -81,7 +88,7 @@ async def test_a_batch_after_a_gap_waits_for_the_other_process_events(store: Eve
     delivery = Delivery(Settings(), store, publisher, Sessions())
     asked: list[int] = []
     delivery.want_follow = lambda: asked.append(delivery.applied)
-    delivery.start(OnlineUsers(), [], None)
+    delivery.start(OnlineUsers(), RoomsView(), [], None)
     delivery.committed([chat(1, "one")])
     # Position 2 was appended by another process: ours at 3 waits for it.
     delivery.committed([chat(3, "three")])
@@ -100,7 +107,7 @@ async def test_a_batch_after_a_gap_waits_for_the_other_process_events(store: Eve
 async def test_events_read_from_the_log_are_delivered_once_whichever_way_they_come(store: EventStore) -> None:
     publisher = RecordingPublisher(fail_on=set())
     delivery = Delivery(Settings(), store, publisher, Sessions())
-    delivery.start(OnlineUsers(), [], None)
+    delivery.start(OnlineUsers(), RoomsView(), [], None)
     # The follower read our own batch before the commit callback handed it over.
     delivery.followed([chat(1, "one"), chat(2, "two")])
     delivery.committed([chat(1, "one"), chat(2, "two")])
