@@ -46,7 +46,7 @@ if (!/^https?:\/\/(127\.\d+\.\d+\.\d+|localhost)(:\d+)?\/?$/.test(URL)) {
 const N = parseInt(A.n || '1000', 10);
 const ROOMS = parseInt(A.rooms || '20', 10);
 const M = parseInt(A.m || '100', 10);
-const LOBBY_K = parseInt(A['lobby-k'] || '10', 10);
+const LOBBY_K = parseInt(A['lobby-k'] || '5', 10);
 const ROOMS_K = parseInt(A['rooms-k'] || String(LOBBY_K * ROOMS), 10);
 const WARM = parseInt(A.warm || '3', 10);
 const WINDOW = parseInt(A.window || '1', 10);
@@ -59,6 +59,10 @@ const SERVER_PID = parseInt(A['server-pid'] || '0', 10);
 const MAX_S = parseFloat(A['max-s'] || '240');
 const LABEL = A.label || '';
 const CLK_TCK = 100;
+// --mark-window 1: SIGUSR1 to the server when a measured phase starts,
+// SIGUSR2 when it ends (bench/profile_server.py --window-signals samples
+// only between them). Never against a plain server: both signals kill it.
+const MARK_WINDOW = A['mark-window'] === '1';
 // Equal senders per room and equal members per room: every client of a phase
 // expects the same number of chats, which the checks rely on.
 if (N % ROOMS || M % ROOMS || M > N) throw new Error('--n and --m must be multiples of --rooms, --m <= --n');
@@ -77,15 +81,29 @@ const roomName = (r) => 'bench' + String(r).padStart(2, '0');
 const PAD = 'x'.repeat(Math.max(0, SIZE - 24));
 
 // -- server CPU from /proc -----------------------------------------------------
-function serverCpuS() {
-  if (!SERVER_PID) return NaN;
+function serverTimes() {
+  // [user, system] CPU seconds of the server process, all its threads
+  if (!SERVER_PID) return [NaN, NaN];
   try {
     const s = fs.readFileSync(`/proc/${SERVER_PID}/stat`, 'utf8');
     const f = s.slice(s.lastIndexOf(')') + 2).split(' '); // [11]=utime, [12]=stime
-    return (parseInt(f[11], 10) + parseInt(f[12], 10)) / CLK_TCK;
+    return [parseInt(f[11], 10) / CLK_TCK, parseInt(f[12], 10) / CLK_TCK];
+  } catch (e) { return [NaN, NaN]; }
+}
+function serverCpuS() { const [u, s] = serverTimes(); return u + s; }
+function writeCalls() {
+  // write-family system calls of the server (its socket writes): a room
+  // chat's deliveries share a write per socket and batch only with the
+  // same room's chats, so deliveries per write explain CPU per delivery
+  try {
+    const m = /^syscw: (\d+)$/m.exec(fs.readFileSync(`/proc/${SERVER_PID}/io`, 'utf8'));
+    return m ? parseInt(m[1], 10) : NaN;
   } catch (e) { return NaN; }
 }
-function cpuSnap() { return { t: now(), srv: serverCpuS(), lg: process.cpuUsage() }; }
+function cpuSnap() {
+  const [user, sys] = serverTimes();
+  return { t: now(), srv: user + sys, sys, lg: process.cpuUsage(), syscw: writeCalls() };
+}
 function cpuDiff(a, b) {
   const wall = (b.t - a.t) / 1000;
   const srv = b.srv - a.srv;
@@ -93,7 +111,9 @@ function cpuDiff(a, b) {
   return {
     wall_s: +wall.toFixed(3),
     server_cpu_s: +srv.toFixed(2), server_cpu_pct: +(100 * srv / wall).toFixed(1),
+    server_sys_s: +(b.sys - a.sys).toFixed(2),
     loadgen_cpu_s: +lg.toFixed(2), loadgen_cpu_pct: +(100 * lg / wall).toFixed(1),
+    server_write_syscalls: b.syscw - a.syscw,
   };
 }
 async function waitServerIdle(maxMs) {
@@ -297,9 +317,11 @@ async function runPhase(clients, scope, k, setPhase) {
   await waitServerIdle(30000);
   const ph = new Phase(scope, scope[0], k, true);
   setPhase(ph);
+  if (MARK_WINDOW) process.kill(SERVER_PID, 'SIGUSR1');
   const c0 = cpuSnap();
   const complete = await closedLoop(clients, ph, WINDOW);
   const c1 = cpuSnap();
+  if (MARK_WINDOW) process.kill(SERVER_PID, 'SIGUSR2');
   const activeS = (ph.tLast - c0.t) / 1000;
   const cpu = cpuDiff(c0, { ...c1, t: ph.tLast || c1.t });
   const chats = M * k;
@@ -314,6 +336,7 @@ async function runPhase(clients, scope, k, setPhase) {
     chats_per_s: +(ph.delivered / (ph.expected / chats) / activeS).toFixed(1),
     server_us_per_delivery: +(1e6 * cpu.server_cpu_s / ph.delivered).toFixed(3),
     server_us_per_chat: +(1e6 * cpu.server_cpu_s / chats).toFixed(1),
+    deliveries_per_write: +(ph.delivered / cpu.server_write_syscalls).toFixed(2),
     latency_ms: stats(ph.lats, ph.delivered),
     cpu,
     checks: { missing: ph.missing(), duplicates_or_reordered: ph.fifo, wrong_scope: ph.wrongScope },
