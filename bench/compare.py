@@ -89,6 +89,7 @@ class Metric:
     # True: the target applies to our figure itself (a ratio between two of
     # our own measurements, such as rooms/lobby), not to ours/peer.
     own_target: bool = False
+    optional: bool = False  # from a phase not run by default: no row when not measured
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def _idle_check(r: dict[str, Any]) -> list[str]:
 def _rooms_extract(r: dict[str, Any]) -> dict[str, float]:
     nan = float("nan")
     out: dict[str, float] = {}
-    for scope in ("lobby", "rooms"):
+    for scope in ("lobby", "rooms", "all"):
         phase = r.get(scope) or {}
         lat = phase.get("latency_ms") or {}
         out[f"{scope}_deliveries_per_s"] = phase.get("deliveries_per_s", nan)
@@ -215,9 +216,10 @@ def _rooms_extract(r: dict[str, Any]) -> dict[str, float]:
         out[f"{scope}_p99_ms"] = lat.get("p99", nan)
         out[f"{scope}_server_cpu_pct"] = (phase.get("cpu") or {}).get("server_cpu_pct", nan)
         out[f"{scope}_deliveries_per_write"] = phase.get("deliveries_per_write", nan)
-    ratio = r.get("rooms_over_lobby") or {}
-    out["rooms_lobby_cpu_ratio"] = ratio.get("server_us_per_delivery", nan)
-    out["rooms_lobby_deliveries_ratio"] = ratio.get("deliveries_per_s", nan)
+    for scope in ("rooms", "all"):
+        ratio = r.get(f"{scope}_over_lobby") or {}
+        out[f"{scope}_lobby_cpu_ratio"] = ratio.get("server_us_per_delivery", nan)
+        out[f"{scope}_lobby_deliveries_ratio"] = ratio.get("deliveries_per_s", nan)
     return out
 
 
@@ -236,10 +238,12 @@ def _rooms_check(r: dict[str, Any]) -> list[str]:
             problems.append(f"{scope}: checks failed {bad}")
     if r.get("position_order_violations"):
         problems.append(f"{r['position_order_violations']} deliveries out of log order")
-    setup = r.get("setup") or {}
-    for key in ("roomJoined", "roomCreated"):
-        if key in setup and setup[key] != setup.get(f"{key}_expected"):
-            problems.append(f"{key} events {setup[key]} != {setup.get(f'{key}_expected')}")
+    for scope, setup in (r.get("setup") or {}).items():
+        if not isinstance(setup, dict):
+            continue
+        for key in ("roomJoined", "roomCreated"):
+            if key in setup and setup[key] != setup.get(f"{key}_expected"):
+                problems.append(f"{scope}: {key} events {setup[key]} != {setup.get(f'{key}_expected')}")
     return problems
 
 
@@ -322,7 +326,7 @@ SCENARIOS: dict[str, Scenario] = {
             lambda a: [
                 "--n", str(a.rooms_clients), "--rooms", str(a.rooms), "--m", str(a.rooms_senders),
                 "--lobby-k", str(a.rooms_lobby_k), "--warm", "3", "--window", "1", "--size", "64",
-                "--timeout-s", "90",
+                "--timeout-s", "90", "--phases", a.rooms_phases,
             ],
             _rooms_extract,
             _rooms_check,
@@ -341,6 +345,12 @@ SCENARIOS: dict[str, Scenario] = {
                 Metric("rooms_lobby_deliveries_ratio", "rooms/lobby deliveries/s", "higher", None, 2),
                 Metric("rooms_lobby_cpu_ratio", "rooms/lobby server CPU per delivery", "lower", 1.25, 2,
                        own_target=True),
+                Metric("all_us_per_delivery", "one room of all 1000: server CPU per delivery, us", "lower", None, 2,
+                       optional=True),
+                Metric("all_deliveries_per_write", "one room of all 1000: deliveries per server write call", "higher",
+                       None, 1, optional=True),
+                Metric("all_lobby_cpu_ratio", "one room of all 1000/lobby server CPU per delivery", "lower", None, 2,
+                       optional=True),
             ),
             script="rooms.js",
             max_s=240,
@@ -543,8 +553,11 @@ def print_table(rows: list[dict[str, Any]], servers: list[str], repeat: int, hea
     own = {m.key for s in SCENARIOS.values() for m in s.metrics if m.own_target}
     both = "ours" in servers and "peer" in servers
     head = ["figure", *servers, *(["ours/peer"] if both else []), "target", "met"]
+    optional = {m.key for s in SCENARIOS.values() for m in s.metrics if m.optional}
     lines = [head]
     for row in rows:
+        if row["metric"] in optional and all(row[k] != row[k] for k in servers):
+            continue
         d = digits[row["metric"]]
         # An ours-only scenario (rooms) has no peer figure: blank, not n/a.
         line = [row["label"], *("" if k != "ours" and SCENARIOS[row["scenario"]].ours_only else fmt(row[k], d)
@@ -594,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rooms", type=int, default=20, help="rooms scenario: rooms (clients split evenly)")
     parser.add_argument("--rooms-senders", type=int, default=100,
                         help="rooms scenario: closed-loop senders, in both phases (spread evenly over the rooms)")
+    parser.add_argument("--rooms-phases", default="lobby,rooms",
+                        help="rooms scenario: phases in order; add 'all' for a control, one room of all the clients")
     parser.add_argument("--rooms-lobby-k", type=int, default=5,
                         help="rooms scenario: chats per sender in the lobby phase; the rooms phase sends --rooms "
                              "times as many, so both phases make the same number of deliveries")

@@ -66,7 +66,7 @@ const MARK_WINDOW = A['mark-window'] === '1';
 // Equal senders per room and equal members per room: every client of a phase
 // expects the same number of chats, which the checks rely on.
 if (N % ROOMS || M % ROOMS || M > N) throw new Error('--n and --m must be multiples of --rooms, --m <= --n');
-for (const p of PHASES) if (p !== 'lobby' && p !== 'rooms') throw new Error('--phases takes lobby,rooms');
+for (const p of PHASES) if (!['lobby', 'rooms', 'all'].includes(p)) throw new Error('--phases takes lobby,rooms,all');
 
 const now = () => performance.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -78,6 +78,11 @@ let lastEvent = now();
 const userName = (i) => 'b' + String(i).padStart(4, '0');
 const roomOf = (i) => i % ROOMS; // senders 0..M-1 so land evenly on the rooms
 const roomName = (r) => 'bench' + String(r).padStart(2, '0');
+// Phase 'all' (a control, not run by default): one room whose members are
+// all N clients, i.e. the lobby's audience reached by the rooms code path.
+// Its CPU per delivery next to the lobby's isolates what a room costs per
+// delivery from what 50 members instead of 1,000 cost per chat.
+const ALL_ROOM = 'benchall';
 const PAD = 'x'.repeat(Math.max(0, SIZE - 24));
 
 // -- server CPU from /proc -----------------------------------------------------
@@ -219,14 +224,14 @@ class Client {
 // -- one measured phase ----------------------------------------------------------
 // scope 'lobby': `chat(message)`, delivered as `chat` to all N clients;
 // scope 'rooms': `chat(message, {room})`, delivered as `roomChat` to the
-// sender's room only. Message: `<tag>|<sender>|<seq>|<send ms>|pad`.
+// sender's room only; scope 'all': the same to the room of all N clients. Message: `<tag>|<sender>|<seq>|<send ms>|pad`.
 class Phase {
   constructor(scope, tag, k, measured) {
     this.scope = scope;
     this.tag = tag;
     this.k = k;
     this.measured = measured;
-    this.perClient = scope === 'lobby' ? M * k : (M / ROOMS) * k;
+    this.perClient = scope === 'rooms' ? (M / ROOMS) * k : M * k;
     this.expected = N * this.perClient;
     this.lats = measured ? new Float64Array(this.expected) : null;
     this.delivered = 0;
@@ -243,7 +248,7 @@ class Phase {
     const t = now();
     const msg = `${this.tag}|${j}|${seq}|${t.toFixed(3)}|${PAD}`;
     if (this.scope === 'lobby') clients[j].emit('chat', [msg]);
-    else clients[j].emit('chat', [msg, { room: roomName(roomOf(j)) }]);
+    else clients[j].emit('chat', [msg, { room: this.scope === 'all' ? ALL_ROOM : roomName(roomOf(j)) }]);
   }
   deliver(c, kind, payload, t) {
     const msg = payload && payload.message;
@@ -253,7 +258,8 @@ class Phase {
     const sender = +p[1];
     const seq = +p[2];
     if (kind !== (this.scope === 'lobby' ? 'chat' : 'roomChat')
-        || (this.scope === 'rooms' && (payload.room !== roomName(roomOf(c.index)) || roomOf(sender) !== roomOf(c.index)))) {
+        || (this.scope === 'rooms' && (payload.room !== roomName(roomOf(c.index)) || roomOf(sender) !== roomOf(c.index)))
+        || (this.scope === 'all' && payload.room !== ALL_ROOM)) {
       this.wrongScope++;
       noteError(`${c.name} (${roomName(roomOf(c.index))}): ${kind} from ${sender} room ${payload.room}`);
       return;
@@ -327,7 +333,7 @@ async function runPhase(clients, scope, k, setPhase) {
   const chats = M * k;
   await waitQuiet(200, 10000); // stragglers (duplicates, wrong scope) still get counted
   return {
-    params: { k, chats, recipients_per_chat: scope === 'lobby' ? N : N / ROOMS },
+    params: { k, chats, recipients_per_chat: scope === 'rooms' ? N / ROOMS : N },
     complete,
     delivered: ph.delivered,
     expected: ph.expected,
@@ -393,34 +399,41 @@ async function main() {
   await waitServerIdle(60000);
 
   for (const scope of PHASES) {
-    if (scope === 'rooms') {
+    if (scope !== 'lobby') {
       // the first client of each room creates it, then the others join
       const t0 = now();
-      const firsts = Array.from({ length: ROOMS }, (_, r) => r);
-      const rest = Array.from({ length: N - ROOMS }, (_, x) => x + ROOMS);
-      let bad = await ackedAll(clients, firsts, 'createRoom', (c) => [{ room: roomName(roomOf(c.index)) }], ROOMS);
+      const count = scope === 'rooms' ? ROOMS : 1;
+      const nameOf = (c) => [{ room: scope === 'rooms' ? roomName(roomOf(c.index)) : ALL_ROOM }];
+      roomJoined = 0;
+      roomCreated = 0;
+      const firsts = Array.from({ length: count }, (_, r) => r);
+      const rest = Array.from({ length: N - count }, (_, x) => x + count);
+      let bad = await ackedAll(clients, firsts, 'createRoom', nameOf, count);
       // joins into rooms that were not created would only fail (or hang) too
-      if (!bad) bad = await ackedAll(clients, rest, 'joinRoom', (c) => [{ room: roomName(roomOf(c.index)) }], JOIN_CONC);
+      if (!bad) bad = await ackedAll(clients, rest, 'joinRoom', nameOf, JOIN_CONC);
       await waitQuiet(300, 30000);
-      out.setup.rooms_s = +((now() - t0) / 1000).toFixed(2);
       // Every member sees its own and every later member's join:
       // sum over a room of 1..members.
-      const per = N / ROOMS;
-      out.setup.roomJoined = roomJoined;
-      out.setup.roomJoined_expected = ROOMS * per * (per + 1) / 2;
-      out.setup.roomCreated = roomCreated;
-      out.setup.roomCreated_expected = ROOMS * N;
+      const per = N / count;
+      out.setup[scope] = {
+        seconds: +((now() - t0) / 1000).toFixed(2),
+        roomJoined, roomJoined_expected: count * per * (per + 1) / 2,
+        roomCreated, roomCreated_expected: count * N,
+      };
       if (bad) { out.error = `${bad} createRoom/joinRoom refused or unanswered`; break; }
+      await waitServerIdle(60000);
     }
-    out[scope] = await runPhase(clients, scope, scope === 'lobby' ? LOBBY_K : ROOMS_K, setPhase);
+    out[scope] = await runPhase(clients, scope, scope === 'rooms' ? ROOMS_K : LOBBY_K, setPhase);
     if (!out[scope].complete) break;
   }
   phase = null;
-  if (out.lobby && out.rooms) {
-    out.rooms_over_lobby = {
-      server_us_per_delivery: +(out.rooms.server_us_per_delivery / out.lobby.server_us_per_delivery).toFixed(3),
-      deliveries_per_s: +(out.rooms.deliveries_per_s / out.lobby.deliveries_per_s).toFixed(3),
-    };
+  for (const scope of ['rooms', 'all']) {
+    if (out.lobby && out[scope]) {
+      out[`${scope}_over_lobby`] = {
+        server_us_per_delivery: +(out[scope].server_us_per_delivery / out.lobby.server_us_per_delivery).toFixed(3),
+        deliveries_per_s: +(out[scope].deliveries_per_s / out.lobby.deliveries_per_s).toFixed(3),
+      };
+    }
   }
   out.position_order_violations = posOrder;
   for (const c of clients) if (c) c.disconnect();
