@@ -31,7 +31,10 @@ Scenarios (the load generator's own, plus ``idle`` from ``bench/idle.js``):
   its room's 50; the senders spread evenly over the rooms, 20 times as many
   chats so both phases make the same number of deliveries), on one server
   process: deliveries/s and server CPU per delivery of both phases and their
-  ratio rooms/lobby (target: CPU per delivery within 1.25x).
+  ratio rooms/lobby (target: CPU per delivery within 1.25x). Not in the
+  default ``--scenarios``: ~50 s a repetition would make the run half as long
+  again. ``--rooms-phases lobby,rooms,all`` adds a control, one room of all
+  1,000 clients.
 
 Our server runs with its default, durable settings (WAL, synchronous=FULL,
 every chat committed before it is broadcast): no CHAT_* variable of the
