@@ -63,6 +63,8 @@ _PRESENCE_TYPES = frozenset({UserLoggedIn.type, UserJoined.type, UserLeft.type})
 # What counts as unread: what others wrote.
 _UNREAD_TYPES = (MessagePosted.type, PrivateMessageSent.type)
 ROOM_LIST_MAX = 100
+SUMMARY_REUSE = 1.0  # seconds
+DELIVERY_WAIT = 10.0  # seconds a room request waits for its session's welcome
 
 
 def hash_token(token: str) -> str:
@@ -97,6 +99,8 @@ class Commands:
         # counted against the limits as if they were.
         self._creating: set[str] = set()
         self._joining: dict[str, int] = {}
+        # Summaries being read (shared by the requests that wait for them).
+        self._summaries: set[asyncio.Future[dict[str, Any]]] = set()
         # Set while this process may not serve (its node lease lapsed).
         self.fenced = False
         # Reaps the process holding a session if its lease expired (several
@@ -366,9 +370,11 @@ class Commands:
 
     async def _delivered(self, session: Session) -> None:
         if not session.delivered.is_set():
-            await session.delivered.wait()
-            if session.socket_gone or session.state is not State.ACTIVE:
-                raise domain.NotLoggedIn("the session ended")
+            try:
+                await asyncio.wait_for(session.delivered.wait(), DELIVERY_WAIT)
+            except TimeoutError:
+                raise domain.ServerFailed("the login is still being delivered; try again") from None
+            self._still_active(session)
 
     async def _room_session(self, sid: str) -> Session:
         session = self.sessions.active(sid)
@@ -420,6 +426,7 @@ class Commands:
         )
         session.next_version()
         rooms.add(key)
+        session.summary = None
         self._creating.add(key)
         try:
             future = self.writer.submit(new)
@@ -459,6 +466,7 @@ class Commands:
         )
         session.next_version()
         rooms.add(key)
+        session.summary = None
         self._joining[key] = self._joining.get(key, 0) + 1
         try:
             return (await self._submit(session, [new], "join"))[0]
@@ -481,6 +489,7 @@ class Commands:
             raise domain.NotAMember(f"you are not a member of {room.name}")
         new = domain.decide_leave_room(session.name, session.next_version(), room.name, command_id=new_command_id())
         rooms.discard(key)
+        session.summary = None
         try:
             return (await self._submit(session, [new], "leave"))[0]
         except BaseException:
@@ -492,7 +501,7 @@ class Commands:
         session = self.sessions.active(sid)
         req = domain.check_request({} if request is None else request, protocol.LIST_ROOMS)
         after = req.get("after")
-        if after is not None and not isinstance(after, str):
+        if after is not None and (not isinstance(after, str) or len(after) > 8 * self.settings.room_name_max):
             raise domain.BadPayload("after must be a room name")
         limit = req.get("limit", ROOM_LIST_MAX)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -537,6 +546,8 @@ class Commands:
 
     # -- conversations and read markers ---------------------------------------------
     async def _markers(self, session: Session) -> dict[str, int]:
+        if session.markers is None and session.name not in self.delivery.rooms.readers:
+            session.markers = {}  # never marked anything: nothing to read
         if session.markers is None:
             t = read_markers_table
             async with self.store.engine.connect() as conn:
@@ -547,13 +558,29 @@ class Commands:
 
     async def conversations(self, sid: str) -> dict[str, Any]:
         session = await self._room_session(sid)
-        return await self._summary(session)
+        return await self._shared_summary(session)
+
+    async def _shared_summary(self, session: Session) -> dict[str, Any]:
+        """A summary costs a couple of indexed reads per conversation: a
+        socket asking again within ``SUMMARY_REUSE`` seconds (or while one is
+        being read) gets the same one. It is still right: its counts are as
+        of its ``position``, and the socket has had every event since."""
+        loop = asyncio.get_running_loop()
+        if session.summary is not None:
+            at, future = session.summary
+            if not future.done() or (loop.time() - at < SUMMARY_REUSE and future.exception() is None):
+                return await asyncio.shield(future)
+        future = asyncio.ensure_future(self._summary(session))
+        self._summaries.add(future)
+        future.add_done_callback(self._summaries.discard)
+        session.summary = (loop.time(), future)
+        return await asyncio.shield(future)
 
     async def push_conversations(self, session: Session) -> None:
         """After a login or resume is delivered: the user's rooms and private
         conversations with their unread counts."""
         try:
-            summary = await self._summary(session)
+            summary = await self._shared_summary(session)
         except Exception as exc:
             log.warning("could not build the conversations of %s: %s", session.name, exc)
             return
@@ -585,7 +612,19 @@ class Commands:
         entries: list[tuple[str, dict[str, Any]]] = []
         lobby = self._lobby_entry()
         del lobby["member"]
-        read[LOBBY_SCOPE] = markers.get(LOBBY_SCOPE, session.login_position or through)
+        if LOBBY_SCOPE in markers:
+            read[LOBBY_SCOPE] = markers[LOBBY_SCOPE]
+        else:
+            # Unmarked, the lobby is read up to this login: its history came
+            # with the welcome and everything since came live. No look at
+            # the log (a seed client's login costs no read).
+            recent = self.delivery.recent.last(1, before=through + 1)
+            lobby.update(
+                unread=0,
+                lastPosition=recent[0].position if recent else 0,
+                readPosition=session.login_position or through,
+                last=protocol.history_item(recent[0]) if recent else None,
+            )
         entries.append((LOBBY_SCOPE, lobby))
         rooms = sorted(
             (view.rooms[key] for key in (session.rooms or ()) if key in view.rooms), key=lambda r: room_key(r.name)
@@ -609,12 +648,25 @@ class Commands:
             scope = private_scope(name, peer)
             read[scope] = markers.get(f"peer:{peer}", 0)
             private.append((scope, {"with": peer, "online": peer in online}))
-        state = await self.store.conversation_state(
-            read, through=through, types=_UNREAD_TYPES, not_stream=user_stream(name), cap=self.settings.unread_cap
+        state = (
+            await self.store.conversation_state(
+                read, through=through, types=_UNREAD_TYPES, not_stream=user_stream(name), cap=self.settings.unread_cap
+            )
+            if read
+            else {}
         )
         for scope, entry in (*entries, *private):
-            unread, last = state.get(scope, (0, 0))
-            entry.update(unread=unread, lastPosition=last, readPosition=read[scope])
+            if scope not in read:
+                continue
+            unread, last = state.get(scope, (0, None))
+            entry.update(
+                unread=unread,
+                lastPosition=last.position if last is not None else 0,
+                readPosition=read[scope],
+                # The newest item, as history gives it: a conversation list
+                # can show it, and an offline recipient sees what came.
+                last=protocol.history_item(last) if last is not None else None,
+            )
         return {
             "position": through,
             "rooms": [entry for _scope, entry in entries],
@@ -647,6 +699,7 @@ class Commands:
         session.next_version()
         await self._submit(session, [new], "read marker")
         markers[scope] = max(markers.get(scope, 0), position)
+        session.summary = None  # its read positions changed
         return {"position": position}
 
     def _known_user(self, raw: object) -> str:
@@ -696,6 +749,13 @@ class Commands:
         self.delivery.reply(sid, event, lambda: data)
 
     # -- shutdown and reconciliation ------------------------------------------------
+    async def stop(self) -> None:
+        """Stop the reads in flight before the engine goes."""
+        pending = list(self._summaries)
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     async def close_sessions(self, reason: str, timeout: float) -> None:
         """Record the leave of every logged-in socket (graceful shutdown)."""
         sessions = [s for s in self.sessions.live() if s.state is State.ACTIVE]

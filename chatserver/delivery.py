@@ -316,7 +316,10 @@ class Delivery:
         event = stored.event
         if isinstance(event, UserLoggedIn):
             session = self.sessions.by_id(event.session)
-            if session is None or session.socket_gone or session.state is not State.ACTIVE:
+            if session is None:
+                return
+            if session.socket_gone or session.state is not State.ACTIVE:
+                session.delivered.set()  # nothing waits for it in vain
                 return
             # The view is at this login: every earlier join and leave of the
             # user is in it, and every later one is the session's own.

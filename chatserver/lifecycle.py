@@ -39,6 +39,7 @@ import enum
 import secrets
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from .domain import AlreadyLoggedIn, NameTaken, NotLoggedIn, ResumeRefused
 from .events import LEFT_DISCONNECTED, NewEvent
@@ -102,6 +103,8 @@ class Session:
     delivered: asyncio.Event = field(default_factory=asyncio.Event)
     # Its read markers (scope -> position), read once when first needed.
     markers: dict[str, int] | None = None
+    # Its last conversations summary: (when, the summary's future).
+    summary: tuple[float, asyncio.Future[dict[str, Any]]] | None = None
 
     def next_version(self) -> int:
         """The stream version of this session's next event (the only place

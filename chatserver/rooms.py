@@ -195,6 +195,8 @@ class RoomsView:
         # Names with at least one private conversation: a login of anyone
         # else needs no look at the conversations table.
         self.talkers: set[str] = set()
+        # Names that have marked something read (the rest have no markers to read).
+        self.readers: set[str] = set()
         self._sorted: list[str] | None = None
 
     def apply(self, stored: StoredEvent) -> None:
@@ -222,6 +224,8 @@ class RoomsView:
         elif isinstance(event, PrivateMessageSent):
             self.talkers.add(event.sender)
             self.talkers.add(event.recipient)
+        elif isinstance(event, ConversationRead):
+            self.readers.add(event.name)
 
     def apply_all(self, events: Iterable[StoredEvent]) -> None:
         for stored in events:
@@ -256,6 +260,7 @@ async def load(engine: AsyncEngine) -> RoomsView:
                 room.members[r.name] = r.joined_position
                 view.memberships.setdefault(r.name, set()).add(r.room_key)
         view.talkers = {r.name for r in await conn.execute(sa.select(conversations_table.c.name).distinct())}
+        view.readers = {r.name for r in await conn.execute(sa.select(read_markers_table.c.name).distinct())}
     return view
 
 

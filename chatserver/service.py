@@ -167,8 +167,11 @@ class ChatService:
         await self.commands.close_sessions(reason, min(SHUTDOWN_LEAVES_TIMEOUT, self.settings.shutdown_timeout / 2))
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.commands.stop()
         if self._reconciler is not None:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

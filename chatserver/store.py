@@ -449,24 +449,28 @@ class EventStore:
 
     async def conversation_state(
         self, read: dict[str, int], *, through: int, types: Iterable[str], not_stream: str, cap: int
-    ) -> dict[str, tuple[int, int]]:
+    ) -> dict[str, tuple[int, StoredEvent | None]]:
         """For each scope: how many events of ``types`` not in ``not_stream``
         (the reader's own) lie in (read[scope], through], counted up to
-        ``cap``, and the position of its last event up to ``through``. Each
-        is a walk of the (scope, position) index that stops at ``cap`` rows,
-        so an old read marker costs no more than a recent one."""
+        ``cap``, and its last event up to ``through``. Each is a walk of the
+        (scope, position) index that stops at ``cap`` rows, so an old read
+        marker costs no more than a recent one."""
         e = events_table
         types = list(types)
-        out: dict[str, tuple[int, int]] = {}
+        out: dict[str, tuple[int, StoredEvent | None]] = {}
         async with self.engine.connect() as conn:
             for scope, start in read.items():
-                last = (
+                row = (
                     await conn.execute(
-                        sa.select(sa.func.max(e.c.position)).where(e.c.scope == scope, e.c.position <= through)
+                        sa.select(e)
+                        .where(e.c.scope == scope, e.c.position <= through)
+                        .order_by(e.c.position.desc())
+                        .limit(1)
                     )
-                ).scalar()
+                ).first()
+                last = None if row is None else _row_to_event(row)
                 count = 0
-                if last is not None and last > start:
+                if last is not None and last.position > start:
                     rows = (
                         sa.select(e.c.position)
                         .where(e.c.scope == scope, e.c.position > start, e.c.position <= through)
@@ -475,7 +479,7 @@ class EventStore:
                         .subquery()
                     )
                     count = int((await conn.execute(sa.select(sa.func.count()).select_from(rows))).scalar_one())
-                out[scope] = (count, int(last or 0))
+                out[scope] = (count, last)
         return out
 
 # -- following a shared log on PostgreSQL -------------------------------------

@@ -112,3 +112,97 @@ def scroll_state(page: Page) -> dict[str, Any]:
         "s => ({top: s.scrollTop, height: s.scrollHeight, client: s.clientHeight,"
         " atBottom: s.scrollHeight - s.scrollTop - s.clientHeight <= 2})",
     )
+
+
+# -- rooms and private conversations -------------------------------------------
+
+CONVERSATIONS_JS = """() => Object.fromEntries(['roomConvs', 'privateConvs'].map(id => [id,
+    [...document.querySelectorAll('#' + id + ' .conv-item')].map(li =>
+        [li.querySelector('.conv-name').textContent, li.querySelector('.unread')?.textContent ?? ''])]))"""
+
+
+def conversations(page: Page) -> dict[str, list[list[str]]]:
+    """The conversation list: {roomConvs: [[label, unread]], privateConvs: [...]},
+    unread '' where no badge is shown."""
+    return page.evaluate(CONVERSATIONS_JS)
+
+
+def expect_conversations(page: Page, rooms: list[list[str]], private: list[list[str]]) -> None:
+    """The conversation list shows exactly these entries ([label, unread badge or ''])."""
+    wait_until(
+        page,
+        f"want => JSON.stringify(({CONVERSATIONS_JS})()) === JSON.stringify(want)",
+        {"roomConvs": rooms, "privateConvs": private},
+        lambda: conversations(page),
+    )
+
+
+def open_conversation(page: Page, label: str) -> None:
+    """Click an entry of the conversation list (`Lobby`, `# room`, a peer's name)."""
+    page.locator(".conv-item").filter(has=page.get_by_text(label, exact=True)).click()
+    wait_until(
+        page,
+        "label => document.querySelector('.conv-item.active .conv-name')?.textContent === label"
+        " && document.querySelector('#chatInput') !== null",
+        label,
+        lambda: conversations(page),
+    )
+
+
+def title(page: Page) -> str:
+    return page.inner_text("#convHeader .conv-title")
+
+
+def create_room(page: Page, name: str, topic: str = "") -> None:
+    """Create a room from the directory; it is then shown."""
+    page.click("#browseRooms")
+    page.fill("#roomNameInput", name)
+    page.fill("#roomTopicInput", topic)
+    page.click("#createRoomButton")
+    expect(page.locator("#convHeader .conv-title")).to_have_text(f"# {name}")
+
+
+def join_room(page: Page, name: str) -> None:
+    """Join a room from the directory's list of all rooms; it is then shown."""
+    page.click("#browseRooms")
+    entry = page.locator("#roomDirectory .dir-room").filter(has=page.get_by_text(name, exact=True))
+    entry.locator("[data-action=join]").click()
+    expect(page.locator("#convHeader .conv-title")).to_have_text(f"# {name}")
+
+
+def members(page: Page) -> list[list[object]]:
+    """The shown room's members: [name, online]."""
+    return page.eval_on_selector_all(
+        "#memberList .user",
+        "els => els.map(el => [el.querySelector('.user-name').textContent, !el.classList.contains('user-offline')])",
+    )
+
+
+def expect_members(page: Page, want: list[list[object]]) -> None:
+    online = sum(1 for _name, is_online in want if is_online)
+    wait_until(
+        page,
+        "([want, badge]) => JSON.stringify([...document.querySelectorAll('#memberList .user')].map(el =>"
+        " [el.querySelector('.user-name').textContent, !el.classList.contains('user-offline')]))"
+        " === JSON.stringify(want) && document.querySelector('#memberCount').textContent === badge",
+        [want, f"{online}/{len(want)}"],
+        lambda: members(page),
+    )
+
+
+def send_many(page: Page, texts: list[str]) -> None:
+    """Send chats to the shown conversation without typing each."""
+    page.evaluate(
+        "texts => { const c = ChatApp.controller.homeModel.activeConversation();"
+        " texts.forEach(t => ChatApp.controller.viewEventBus.trigger('chat', t, c)); }",
+        texts,
+    )
+
+
+def request(page: Page, event: str, *args: Any) -> Any:
+    """Send a request from the page's own socket and return its acknowledgement."""
+    return page.evaluate(
+        "([event, args]) => new Promise(resolve =>"
+        " ChatApp.controller.chatClient.socket.timeout(5000).emit(event, ...args, (err, ack) => resolve(err ? {timeout: true} : ack)))",
+        [event, list(args)],
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -16,13 +17,22 @@ from tests.browser_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
     chats,
+    conversations,
+    create_room,
     expect_chat,
+    expect_conversations,
+    expect_members,
     expect_users,
+    join_room,
     login,
     notices,
+    open_conversation,
     presence,
+    request,
     scroll_state,
     send,
+    send_many,
+    title,
     users,
     wait_until,
 )
@@ -476,3 +486,258 @@ def test_lobby_screenshot_wide_and_narrow(new_page: PageFactory) -> None:
 
     alice.screenshot(path=str(ARTIFACTS / "lobby.png"))
     bob.screenshot(path=str(ARTIFACTS / "lobby-narrow.png"))
+
+
+# -- rooms and private messages (issue 12) ------------------------------------
+
+
+def test_room_created_joined_from_the_list_chat_seen_by_members_only(new_page: PageFactory) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    ann = new_page(viewport={"width": 1280, "height": 720})
+    login(ann, "ann")
+    bob, cat = in_lobby(new_page, "bob", "cat")
+
+    create_room(ann, "Dev", "Python and tests")
+    expect(ann.locator("#convTopic")).to_have_text("Python and tests")
+    expect_conversations(ann, [["Lobby", ""], ["# Dev", ""]], [])
+    expect_members(ann, [["ann", True]])
+    expect(ann.locator("#chatList .notice")).to_have_text(["ann created the room: Python and tests", "ann joined room."])
+
+    # Bob finds it in the list of all rooms and joins; Ann sees him arrive.
+    join_room(bob, "Dev")
+    expect_members(bob, [["ann", True], ["bob", True]])
+    expect_members(ann, [["ann", True], ["bob", True]])
+    expect_conversations(bob, [["Lobby", ""], ["# Dev", ""]], [])
+    # Bob pages the room back to its creation.
+    expect(bob.locator("#chatList .notice")).to_have_text(
+        ["ann created the room: Python and tests", "ann joined room.", "bob joined room."]
+    )
+
+    send(ann, "hello dev")
+    expect_chat(bob, "ann", "hello dev")
+    expect_chat(ann, "ann", "hello dev")
+    send(bob, "hi ann")
+    expect_chat(ann, "bob", "hi ann")
+    # The lobby stays the lobby: neither room chat is in it, for anyone.
+    send(cat, "lobby only")
+    expect_conversations(ann, [["Lobby", "1"], ["# Dev", ""]], [])
+    open_conversation(bob, "Lobby")
+    expect_chat(bob, "cat", "lobby only")
+    assert chats(bob) == [("cat", "lobby only")]
+    # Cat is in no room and was sent nothing of Dev: a socket gets its events
+    # in log order, so by his own later lobby chat the room's would be here.
+    expect_chat(cat, "cat", "lobby only")
+    assert chats(cat) == [("cat", "lobby only")]
+    assert conversations(cat) == {"roomConvs": [["Lobby", ""]], "privateConvs": []}
+    assert cat.evaluate("ChatApp.controller.homeModel.conversations.length") == 1
+    assert "hello dev" not in cat.inner_text("body")
+    ann.screenshot(path=str(ARTIFACTS / "room.png"))
+
+    # A member offline stays a member, shown offline.
+    cat.context.close()
+    bob.context.close()
+    expect_members(ann, [["ann", True], ["bob", False]])
+    expect_conversations(ann, [["Lobby", "1"], ["# Dev", ""]], [])
+    open_conversation(ann, "Lobby")
+    expect_conversations(ann, [["Lobby", ""], ["# Dev", ""]], [])
+    expect_chat(ann, "cat", "lobby only")
+
+
+def test_leaving_a_room(new_page: PageFactory) -> None:
+    ann, bob = in_lobby(new_page, "ann", "bob")
+    create_room(ann, "Ops")
+    # Names are unique whatever their case.
+    bob.click("#browseRooms")
+    bob.fill("#roomNameInput", "OPS")
+    bob.click("#createRoomButton")
+    expect(bob.locator("#createRoomError")).to_have_text("A room with that name exists already.")
+    join_room(bob, "Ops")
+    expect_members(ann, [["ann", True], ["bob", True]])
+
+    # Membership outlives the page: after a reload the room is listed, with
+    # what was said meanwhile counted by the server.
+    open_conversation(bob, "Lobby")
+    send(ann, "while bob reads the lobby")
+    expect_conversations(bob, [["Lobby", ""], ["# Ops", "1"]], [])
+    bob.reload()
+    expect(bob.locator("#status .conn-name")).to_have_text("as bob")
+    expect_conversations(bob, [["Lobby", ""], ["# Ops", "1"]], [])
+    open_conversation(bob, "# Ops")
+    expect_chat(bob, "ann", "while bob reads the lobby")
+    expect_conversations(bob, [["Lobby", ""], ["# Ops", ""]], [])
+
+    bob.click("#leaveRoom")
+    # Back in the lobby, the room gone from his list; Ann sees him leave.
+    expect(bob.locator("#convHeader .conv-title")).to_have_text("Lobby")
+    expect_conversations(bob, [["Lobby", ""]], [])
+    expect_members(ann, [["ann", True]])
+    expect(ann.locator("#chatList .notice").last).to_have_text("bob left room.")
+    # No longer a member: the room's chats do not reach him (by Ann's later
+    # lobby chat, in log order, they would have).
+    send(ann, "after bob left")
+    expect_chat(ann, "ann", "after bob left")
+    open_conversation(ann, "Lobby")
+    send(ann, "in the lobby")
+    expect_chat(bob, "ann", "in the lobby")
+    assert chats(bob) == [("ann", "in the lobby")]
+    assert bob.evaluate("ChatApp.controller.homeModel.room('Ops')") is None
+    assert "after bob left" not in bob.inner_text("body")
+    # The lobby cannot be left: it has no Leave button.
+    assert bob.locator("#leaveRoom").count() == 0
+
+
+def test_private_messages_unread_badges_and_read_markers(new_page: PageFactory) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    ann = new_page(viewport={"width": 1280, "height": 720})
+    login(ann, "ann")
+    bob, cat = in_lobby(new_page, "bob", "cat")
+    expect_users(ann, ["ann", "bob", "cat"])
+
+    # Clicking a user in the online list opens the private conversation.
+    ann.locator("#userList .user-open").filter(has_text="bob").click()
+    expect(ann.locator("#convHeader .conv-title")).to_have_text("@ bob")
+    expect(ann.locator("#peerState")).to_have_text("online")
+    send(ann, "psst, bob")
+    expect_chat(ann, "ann", "psst, bob")
+    expect_conversations(ann, [["Lobby", ""]], [["bob", ""]])
+
+    # Bob is reading the lobby: the conversation appears with a badge.
+    expect_conversations(bob, [["Lobby", ""]], [["ann", "1"]])
+    send(ann, "are you there?")
+    expect_conversations(bob, [["Lobby", ""]], [["ann", "2"]])
+    assert chats(bob) == []  # nothing of it in the lobby
+    open_conversation(bob, "ann")
+    expect_conversations(bob, [["Lobby", ""]], [["ann", ""]])
+    assert chats(bob) == [("ann", "psst, bob"), ("ann", "are you there?")]
+    send(bob, "here")
+    expect_chat(ann, "bob", "here")
+    expect_conversations(ann, [["Lobby", ""]], [["bob", ""]])  # read as it arrives
+    # Nobody else was sent any of it.
+    assert conversations(cat) == {"roomConvs": [["Lobby", ""]], "privateConvs": []}
+    assert "psst" not in cat.inner_text("body")
+    ann.screenshot(path=str(ARTIFACTS / "private.png"))
+
+    # Opening it sent a read marker (after a short debounce): the server's
+    # summary says so, and a reload (a fresh login) shows it read.
+    deadline = time.monotonic() + 5
+    while True:
+        summary = request(bob, "conversations")
+        unread = [(c["with"], c["unread"]) for c in summary["private"]]
+        if unread == [("ann", 0)] or time.monotonic() > deadline:
+            break
+        bob.wait_for_timeout(100)
+    assert unread == [("ann", 0)], summary
+    bob.reload()
+    expect(bob.locator("#status .conn-name")).to_have_text("as bob")
+    expect_conversations(bob, [["Lobby", ""]], [["ann", ""]])
+    # A message while he is elsewhere is unread again, in the list after a reload too.
+    send(ann, "one more")
+    expect_conversations(bob, [["Lobby", ""]], [["ann", "1"]])
+    bob.reload()
+    expect(bob.locator("#status .conn-name")).to_have_text("as bob")
+    expect_conversations(bob, [["Lobby", ""]], [["ann", "1"]])
+    open_conversation(bob, "ann")
+    # Paged from the server: the whole conversation, once.
+    expect_chat(bob, "ann", "one more")
+    assert chats(bob) == [("ann", "psst, bob"), ("ann", "are you there?"), ("bob", "here"), ("ann", "one more")]
+
+    # From a room's member list too.
+    create_room(cat, "Cats")
+    join_room(bob, "Cats")
+    expect_members(cat, [["cat", True], ["bob", True]])
+    cat.locator("#memberList .user-open").filter(has_text="bob").click()
+    expect(cat.locator("#convHeader .conv-title")).to_have_text("@ bob")
+
+
+def test_room_history_pages_per_room(new_page: PageFactory) -> None:
+    ann, bob = in_lobby(new_page, "ann", "bob")
+    send(ann, "a lobby line")
+    create_room(ann, "Hist")
+    sent = [f"room line {i}" for i in range(1, 61)]
+    send_many(ann, sent)
+    expect_chat(ann, "ann", sent[-1])
+
+    join_room(bob, "Hist")
+    # The newest page (50 items, his join the last), then older pages on request.
+    lines = bob.locator("#chatList li")
+    expect(lines).to_have_count(50)
+    expect(lines.last).to_have_text(re.compile(r"bob joined room\."))
+    assert chats(bob) == [("ann", m) for m in sent[11:]]
+    older = bob.locator("#chatOlder [data-action=older]")
+    older.click()
+    expect(bob.locator("#chatOlder")).to_contain_text("Start of the conversation")
+    expect(lines).to_have_count(63)
+    assert chats(bob) == [("ann", m) for m in sent]
+    expect(bob.locator("#chatList .notice")).to_have_text(["ann created the room.", "ann joined room.", "bob joined room."])
+
+    # The lobby pages its own history: the room's lines are not in it.
+    open_conversation(bob, "Lobby")
+    expect_chat(bob, "ann", "a lobby line")
+    assert chats(bob) == [("ann", "a lobby line")]
+    # And the room kept its lines while another conversation was shown.
+    open_conversation(bob, "# Hist")
+    expect(lines).to_have_count(63)
+
+
+HTML_ROOM = "<b>x</b>"
+HTML_TOPIC = '<img src=x onerror="window.__xss=4">'
+
+
+def test_html_in_room_names_topics_and_messages_is_text(new_page: PageFactory) -> None:
+    ann, bob = in_lobby(new_page, "ann", "bob")
+    create_room(ann, HTML_ROOM, HTML_TOPIC)
+    expect(ann.locator("#convTopic")).to_have_text(HTML_TOPIC)
+    for message in XSS_MESSAGES:
+        send(ann, message)
+    join_room(bob, HTML_ROOM)  # listed as text in the directory too
+    expect_chat(bob, "ann", XSS_MESSAGES[-1])
+    assert chats(bob) == [("ann", m) for m in XSS_MESSAGES]
+    expect(bob.locator("#chatList .notice").first).to_have_text(f"ann created the room: {HTML_TOPIC}")
+    open_conversation(bob, "Lobby")
+    bob.locator("#userList .user-open").click()
+    send(bob, XSS_MESSAGES[0])
+    expect_conversations(ann, [["Lobby", ""], [f"# {HTML_ROOM}", ""]], [["bob", "1"]])
+    open_conversation(ann, "bob")
+    expect_chat(ann, "bob", XSS_MESSAGES[0])
+    for page in (ann, bob):
+        assert page.locator("#container img, #container script, #container b").count() == 0
+    bob.click("#browseRooms")
+    expect(bob.locator("#roomDirectory .dir-room-name")).to_have_text([HTML_ROOM])
+    expect(bob.locator("#roomDirectory .dir-room-topic")).to_have_text([HTML_TOPIC])
+    assert bob.locator("#container img, #container b").count() == 0
+    bob.wait_for_timeout(300)  # an <img onerror> would have fired by now
+    assert ann.evaluate("window.__xss") is None
+    assert bob.evaluate("window.__xss") is None
+
+
+def test_room_and_private_messages_missed_while_disconnected_arrive_once(new_page: PageFactory) -> None:
+    away, talker = in_lobby(new_page, "away", "talker")
+    talker.locator("#userList .user-open").click()  # a PM conversation with away, open
+    expect(talker.locator("#convHeader .conv-title")).to_have_text("@ away")
+    create_room(talker, "Dev")
+    join_room(away, "Dev")
+    send(talker, "before the drop")
+    expect_chat(away, "talker", "before the drop")
+
+    away.evaluate(
+        "() => { const s = ChatApp.controller.chatClient.socket; s.io.reconnection(false); s.io.engine.close(); }"
+    )
+    expect(away.locator("#status .conn")).to_have_class(re.compile(r"\bconn-disconnected\b"))
+    missed = [f"missed {i}" for i in range(3)]
+    for message in missed:
+        send(talker, message)
+    expect_chat(talker, "talker", missed[-1])
+    open_conversation(talker, "away")
+    expect(talker.locator("#peerState")).to_have_text("offline")
+    send(talker, "while you were away")
+    expect_chat(talker, "talker", "while you were away")
+
+    away.evaluate("() => { const s = ChatApp.controller.chatClient.socket; s.io.reconnection(true); s.connect(); }")
+    expect(away.locator("#status .conn-name")).to_have_text("as away")
+    expect_chat(away, "talker", missed[-1])
+    assert chats(away) == [("talker", m) for m in ["before the drop", *missed]]
+    expect_conversations(away, [["Lobby", ""], ["# Dev", ""]], [["talker", "1"]])
+    open_conversation(talker, "# Dev")
+    send(talker, "live again")
+    expect_chat(away, "talker", "live again")
+    assert chats(away) == [("talker", m) for m in ["before the drop", *missed, "live again"]]

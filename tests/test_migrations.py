@@ -114,6 +114,13 @@ async def old_log_upgrades(url: str) -> None:
             new = await store.append(conn, [NewEvent("user-ann", 4, MessagePosted(sender="ann", message="new"), "ann/1")])
         assert [(s.position, s.command_id) for s in new] == [(4, "ann/1")]
         assert [e.command_id for e in await store.read_all()] == [None, None, None, "ann/1"]
+        # 0005 put the old joins and chats in the lobby's conversation, as
+        # new code derives it: the lobby's history reads them by scope.
+        lobby = await store.latest(limit=10, scope="room:lobby")
+        assert [e.position for e in lobby] == [2, 3, 4]
+        async with read_engine.connect() as conn:
+            scopes = (await conn.execute(sa.text("SELECT scope FROM events ORDER BY position"))).scalars().all()
+        assert scopes == [None, "room:lobby", "room:lobby", "room:lobby"]
     finally:
         await writer_engine.dispose()
         await read_engine.dispose()

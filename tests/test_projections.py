@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatserver import projections
+from chatserver import projections, rooms
 from chatserver.app import SERVICE
 from chatserver.database import create_engine
 from chatserver.events import MessagePosted, StoredEvent, UserJoined, UserLeft, UserLoggedIn, to_payload
@@ -77,27 +77,56 @@ async def grants(engine: AsyncEngine) -> list[tuple]:
         return [tuple(r) for r in rows]
 
 
+async def room_tables(engine: AsyncEngine) -> dict[str, list[tuple]]:
+    out = {}
+    async with engine.connect() as conn:
+        for table in rooms.KEYED_TABLES:
+            rows = await conn.execute(sa.select(table).order_by(*table.primary_key.columns))
+            out[table.name] = [tuple(r) for r in rows]
+    return out
+
+
 async def test_rebuild_equals_the_live_projection(db_url: str) -> None:
     async with running_server(settings_for(db_url)) as srv:
         clients = [await Client(srv.url).connect() for _ in range(5)]
         for i, c in enumerate(clients):
             await c.login(f"user{i}")
             await c.call("chat", f"hello from {i}")
+        # Rooms, memberships, private conversations and read markers too.
+        assert (await clients[0].call("createRoom", {"room": "Dev", "topic": "t"}))["ok"]
+        assert (await clients[0].call("createRoom", {"room": "ops"}))["ok"]
+        for c in clients[1:4]:
+            assert (await c.call("joinRoom", {"room": "dev"}))["ok"]
+        assert (await clients[2].call("leaveRoom", {"room": "dev"}))["ok"]
+        assert (await clients[3].call("joinRoom", {"room": "OPS"}))["ok"]
+        assert (await clients[1].call("chat", "in dev", {"room": "dev"}))["ok"]
+        pm = await clients[4].call("chat", "psst", {"to": "user0"})
+        assert (await clients[2].call("chat", "hey", {"to": "user0"}))["ok"]
+        assert (await clients[0].call("markRead", {"with": "user4", "position": pm["position"]}))["ok"]
+        assert (await clients[3].call("markRead", {"room": "dev", "position": pm["position"]}))["ok"]
         await clients[1].disconnect()
         await clients[3].disconnect()
         await clients[0].wait_for(lambda: len(clients[0].events("userLeft")) == 2)
         service = srv.app[SERVICE]
         live_names = service.online.names()
         live_position = service.online.position
+        live_rooms = service.delivery.rooms
         engine = create_engine(db_url)
         writer = create_engine(db_url, writer=True)
         try:
             persisted = await projections.load(engine)
             grants_live = await grants(engine)
+            tables_live = await room_tables(engine)
             folded = await projections.fold(EventStore(engine))
+            # Wipe the rooms' tables: a rebuild must write them all back.
+            async with writer.begin() as conn:
+                for table in rooms.KEYED_TABLES:
+                    await conn.execute(table.delete())
             rebuilt = await projections.rebuild(EventStore(engine), writer)
             reloaded = await projections.load(engine)
+            rooms_reloaded = await rooms.load(engine)
             assert await grants(engine) == grants_live
+            assert await room_tables(engine) == tables_live
             assert len(grants_live) == 5
         finally:
             await engine.dispose()
@@ -107,6 +136,14 @@ async def test_rebuild_equals_the_live_projection(db_url: str) -> None:
             assert view.names() == live_names
             assert view.users() == persisted.users()
             assert view.position == live_position
+        assert rooms_reloaded.rooms == live_rooms.rooms
+        assert rooms_reloaded.memberships == live_rooms.memberships == {
+            "user0": {"dev", "ops"},
+            "user1": {"dev"},
+            "user3": {"dev", "ops"},
+        }
+        assert rooms_reloaded.talkers == live_rooms.talkers == {"user0", "user2", "user4"}
+        assert len(tables_live["read_markers"]) == 2 and len(tables_live["conversations"]) == 4
         for c in (clients[0], clients[2], clients[4]):
             await c.disconnect()
 

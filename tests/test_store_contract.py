@@ -9,7 +9,21 @@ import pytest
 import sqlalchemy as sa
 
 from chatserver.database import create_engine
-from chatserver.events import MessagePosted, NewEvent, UserJoined, UserLeft, UserLoggedIn, user_stream
+from chatserver.events import (
+    ConversationRead,
+    MessagePosted,
+    NewEvent,
+    PrivateMessageSent,
+    RoomCreated,
+    RoomJoined,
+    RoomLeft,
+    UserJoined,
+    UserLeft,
+    UserLoggedIn,
+    private_scope,
+    room_stream,
+    user_stream,
+)
 from chatserver.events import to_payload
 from chatserver.store import ConcurrencyError, EventStore, UnencodableEvent, encode, events_table
 from chatserver.writer import EventWriter
@@ -294,3 +308,38 @@ async def test_the_followers_raw_read_matches_the_store(pg_url: str) -> None:
             await raw.close()
     finally:
         await engine.dispose()
+
+
+async def test_room_and_private_events_read_back_with_their_scope(backend: Backend) -> None:
+    """Every event type round-trips, and the scope column is what
+    ``scope_of`` derives: rooms by casefolded name, one conversation per pair
+    whoever writes, nothing for what no client is shown."""
+    events = [
+        NewEvent(room_stream("Dev"), 1, RoomCreated(room="Dev", creator="ann", topic="<b>x</b>")),
+        NewEvent("user-ann", 1, RoomJoined(name="ann", room="Dev")),
+        NewEvent("user-ann", 2, MessagePosted(sender="ann", message="hi", room="Dev")),
+        NewEvent("user-ann", 3, PrivateMessageSent(sender="ann", recipient="Bob", message="psst")),
+        NewEvent("user-Bob", 1, PrivateMessageSent(sender="Bob", recipient="ann", message="yes")),
+        NewEvent("user-ann", 4, ConversationRead(name="ann", position=5, peer="Bob")),
+        NewEvent("user-ann", 5, RoomLeft(name="ann", room="Dev")),
+        NewEvent("user-ann", 6, MessagePosted(sender="ann", message="lobby")),
+    ]
+    stored = await append(backend, events)
+    assert [s.event for s in await backend.store.read_all()] == [e.event for e in events]
+    async with backend.store.engine.connect() as conn:
+        scopes = [
+            row.scope for row in await conn.execute(sa.select(events_table.c.scope).order_by(events_table.c.position))
+        ]
+    assert scopes == ["room:dev", "room:dev", "room:dev", "dm:Bob\tann", "dm:Bob\tann", None, "room:dev", "room:lobby"]
+    assert [s.position for s in await backend.store.latest(limit=10, scope="room:dev")] == [1, 2, 3, 7]
+    assert [s.position for s in await backend.store.latest(limit=10, scope=private_scope("ann", "Bob"))] == [4, 5]
+    state = await backend.store.conversation_state(
+        {"room:dev": 1, "dm:Bob\tann": 0},
+        through=stored[-1].position,
+        types=["MessagePosted", "PrivateMessageSent"],
+        not_stream="user-Bob",
+        cap=100,
+    )
+    # Bob's own message is not unread for Bob; ann's are.
+    last = {scope: (count, event.position if event else 0) for scope, (count, event) in state.items()}
+    assert last == {"room:dev": (1, 7), "dm:Bob\tann": (1, 5)}

@@ -34,12 +34,30 @@
     }
   };
 
+  var READ_DELAY_MS = 300;       // markRead once a conversation has been shown this long without a change
+
   var CHAT_ERRORS = {
     empty_message: 'Empty messages are not sent.',
     rate_limited: 'Too many messages: slow down.',
     not_logged_in: 'Not logged in yet: try again in a moment.',
-    not_stored: 'The server could not store the message: try again.'
+    not_stored: 'The server could not store the message: try again.',
+    not_a_member: 'You are not in this room any more.',
+    no_such_room: 'This room does not exist.',
+    no_such_user: 'There is no user of that name.'
   };
+
+  var ROOM_ERRORS = {
+    room_name_bad: 'Invalid room name: 2 to 20 visible characters, single spaces.',
+    room_exists: 'A room with that name exists already.',
+    no_such_room: 'There is no room of that name.',
+    room_full: 'This room is full.',
+    too_many_rooms: 'Too many rooms: leave one first.',
+    cannot_leave_lobby: 'Everyone stays in the lobby.'
+  };
+
+  function errorText(table, error) {
+    return table[error.code] || error.message || error.code;
+  }
 
   var MainController = function (options) {
     var self = this;
@@ -95,9 +113,79 @@
     };
 
     self.showHome = function () {
-      self.homeModel = new models.HomeModel();
-      self.homeView = new views.HomeView({ vent: self.viewEventBus, model: self.homeModel });
+      var home = self.homeModel = new models.HomeModel();
+      // The conversation shown got new lines (or was just shown): mark it read.
+      home.on('arrived', function (conversation) { self.scheduleRead(home, conversation); });
+      self.homeView = new views.HomeView({ vent: self.viewEventBus, model: home });
       self.containerModel.set('viewState', self.homeView);
+    };
+
+    // -- conversations -----------------------------------------------------
+
+    // Show `conversation` and fetch what it lacks: its latest history page
+    // and, for a room, its members.
+    self.showConversation = function (conversation) {
+      var home = self.homeModel;
+      if (!home || !conversation) {
+        return;
+      }
+      home.select(conversation);
+      self.loadConversation(home, conversation);
+    };
+
+    self.loadConversation = function (home, conversation) {
+      if (conversation.isLobby() || !self.chatClient.connected() || !home.get('online')) {
+        return; // the lobby's history comes after welcome; the rest after reconnecting
+      }
+      if (!conversation.loaded && !conversation.loading) {
+        conversation.loading = true;
+        var generation = conversation.generation;
+        var query = _.extend({ limit: HISTORY_PAGE }, conversation.scope());
+        self.chatClient.history(query, function (error, page) {
+          if (generation !== conversation.generation) {
+            return; // forgotten meanwhile (a re-login); asked again since
+          }
+          conversation.loading = false;
+          if (error) {
+            home.set('chatError', 'Could not load the messages: ' + error.message);
+          } else {
+            conversation.mergePage(page, true);
+            self.scheduleRead(home, conversation);
+          }
+        });
+      }
+      if (conversation.get('kind') === 'room' && !conversation.membersLoaded && !conversation.loadingMembers) {
+        conversation.loadingMembers = true;
+        var asked = conversation.generation;
+        self.chatClient.roomMembers(conversation.get('name'), function (error, answer) {
+          if (asked !== conversation.generation) {
+            return; // forgotten meanwhile
+          }
+          conversation.loadingMembers = false;
+          if (!error && _.isArray(answer.members)) {
+            conversation.setMembers(answer.members);
+          }
+        });
+      }
+    };
+
+    // Mark the shown conversation read up to its newest line, once it has
+    // been shown for a moment (a burst of lines costs one request).
+    self.scheduleRead = function (home, conversation) {
+      self.later('read:' + conversation.id, READ_DELAY_MS, function () {
+        var shown = home === self.homeModel && !home.get('directory') && home.get('active') === conversation.id;
+        var position = conversation.latestPosition();
+        var before = conversation.get('readSent');
+        if (!shown || !home.get('online') || !self.chatClient.connected() || position <= before) {
+          return;
+        }
+        conversation.set('readSent', position);
+        self.chatClient.markRead(conversation.scope(), position, function (error) {
+          if (error && conversation.get('readSent') === position) {
+            conversation.set('readSent', before); // try again with the next line
+          }
+        });
+      });
     };
 
     self.later = function (key, ms, fn) {
@@ -142,31 +230,148 @@
       } // else: sent on `connected`
     });
 
-    self.viewEventBus.on('chat', function (text) {
+    // `conversation`: where it was typed (default: the lobby).
+    self.viewEventBus.on('chat', function (text, conversation) {
+      var home = self.homeModel;
       self.chatClient.chat(text, function (error) {
-        if (!error || !self.homeModel) {
+        if (!error || !home || home !== self.homeModel) {
           return;
         }
-        var message = CHAT_ERRORS[error.code] || error.message || error.code;
-        self.homeModel.set('chatError', message);
+        home.set('chatError', errorText(CHAT_ERRORS, error));
         if (error.code !== 'timeout') {
-          self.homeModel.trigger('unsent', text); // refused, so certainly not sent: give it back
+          home.trigger('unsent', text, conversation); // refused, so certainly not sent: give it back
+        }
+      }, conversation ? conversation.target() : null);
+    });
+
+    self.viewEventBus.on('loadOlder', function (conversation) {
+      var home = self.homeModel;
+      conversation = conversation || (home && home.lobby);
+      var before = conversation && conversation.chats.firstPosition();
+      if (!home || before === undefined) {
+        return;
+      }
+      conversation.set('loadingOlder', true);
+      var query = _.extend({ before: before, limit: HISTORY_PAGE }, conversation.isLobby() ? {} : conversation.scope());
+      self.chatClient.history(query, function (error, page) {
+        if (error) {
+          conversation.set('loadingOlder', false);
+          home.set('chatError', 'Could not load earlier messages: ' + error.message);
+        } else if (conversation.isLobby()) {
+          home.prependOlder(page);
+        } else {
+          conversation.mergePage(page, false);
         }
       });
     });
 
-    self.viewEventBus.on('loadOlder', function () {
+    self.viewEventBus.on('select', function (key) {
       var home = self.homeModel;
-      var before = home && home.chats.firstPosition();
-      if (!home || before === undefined) {
+      self.showConversation(home && home.conversations.get(key));
+    });
+
+    self.viewEventBus.on('openPrivate', function (name) {
+      var home = self.homeModel;
+      if (home && typeof name === 'string' && name && name !== self.me) {
+        self.showConversation(home.ensurePrivate(name));
+      }
+    });
+
+    self.viewEventBus.on('browseRooms', function () {
+      var home = self.homeModel;
+      if (!home) {
         return;
       }
-      home.set('loadingOlder', true);
-      self.chatClient.olderHistory(before, HISTORY_PAGE, function (error, page) {
+      home.set('directory', true);
+      home.directory.set({ loading: true, error: '' });
+      self.chatClient.listRooms(null, function (error, answer) {
         if (error) {
-          home.set({ loadingOlder: false, chatError: 'Could not load earlier messages: ' + error.message });
+          home.directory.set({ loading: false, error: 'Could not list the rooms: ' + error.message });
         } else {
-          home.prependOlder(page);
+          home.directory.addPage(answer, true);
+        }
+      });
+    });
+
+    self.viewEventBus.on('moreRooms', function () {
+      var home = self.homeModel;
+      if (!home || home.directory.get('loading')) {
+        return;
+      }
+      home.directory.set({ loading: true, error: '' });
+      self.chatClient.listRooms(home.directory.lastRoom(), function (error, answer) {
+        if (error) {
+          home.directory.set({ loading: false, error: 'Could not list the rooms: ' + error.message });
+        } else {
+          home.directory.addPage(answer, false);
+        }
+      });
+    });
+
+    self.viewEventBus.on('closeDirectory', function () {
+      if (self.homeModel) {
+        self.showConversation(self.homeModel.activeConversation());
+      }
+    });
+
+    self.viewEventBus.on('createRoom', function (name, topic) {
+      var home = self.homeModel;
+      if (!home) {
+        return;
+      }
+      home.directory.set({ creating: true, createError: '' });
+      self.chatClient.createRoom(name, topic, function (error, answer) {
+        home.directory.set('creating', false);
+        if (error) {
+          home.directory.set('createError', errorText(ROOM_ERRORS, error));
+          return;
+        }
+        var room = home.ensureRoom(typeof answer.room === 'string' ? answer.room : name, {
+          topic: typeof answer.topic === 'string' ? answer.topic : topic
+        });
+        room.set('joinedPosition', Math.max(room.get('joinedPosition'), models.toPosition(answer.position) || 0));
+        if (home === self.homeModel) {
+          self.showConversation(room);
+        }
+      });
+    });
+
+    self.viewEventBus.on('joinRoom', function (name) {
+      var home = self.homeModel;
+      if (!home) {
+        return;
+      }
+      var listed = home.directory.rooms.get(name.toLowerCase());
+      self.chatClient.joinRoom(name, function (error, answer) {
+        if (error) {
+          home.directory.set('error', errorText(ROOM_ERRORS, error));
+          return;
+        }
+        var room = home.ensureRoom(typeof answer.room === 'string' ? answer.room : name,
+          listed ? { topic: listed.get('topic') } : null);
+        room.set('joinedPosition', Math.max(room.get('joinedPosition'), models.toPosition(answer.position) || 0));
+        if (home === self.homeModel) {
+          self.showConversation(room);
+        }
+      });
+    });
+
+    self.viewEventBus.on('openRoom', function (name) {
+      var home = self.homeModel;
+      self.showConversation(home && home.room(name));
+    });
+
+    self.viewEventBus.on('leaveRoom', function (conversation) {
+      var home = self.homeModel;
+      if (!home) {
+        return;
+      }
+      var name = conversation.get('name');
+      self.chatClient.leaveRoom(name, function (error, answer) {
+        if (error) {
+          home.set('chatError', errorText(ROOM_ERRORS, error));
+        } else {
+          home.dropRoom(typeof answer.room === 'string' ? answer.room : name);
         }
       });
     });
@@ -251,6 +456,11 @@
       self.lostNotice = null;
       self.connection.set({ state: 'connected', name: self.me });
       self.chatClient.requestOnlineUsers();
+      if (reconnected && !data.resumed) {
+        // What rooms and PMs missed is not replayed: load them again.
+        self.homeModel.forgetConversations();
+      }
+      self.loadConversation(self.homeModel, self.homeModel.activeConversation());
     });
 
     self.appEventBus.on('loginNameBad', function () {
@@ -327,6 +537,26 @@
     self.appEventBus.on('chatReceived', function (chat) {
       if (self.homeModel) {
         self.homeModel.addChat(chat);
+      }
+    });
+
+    self.appEventBus.on('conversations', function (summary) {
+      if (self.homeModel) {
+        self.homeModel.applySummary(summary);
+      }
+    });
+
+    _.each({ roomCreated: 'created', roomJoined: 'join', roomLeft: 'leave', roomChat: 'chat' }, function (kind, event) {
+      self.appEventBus.on(event, function (data) {
+        if (self.homeModel) {
+          self.homeModel.roomEvent(kind, data);
+        }
+      });
+    });
+
+    self.appEventBus.on('privateMessage', function (data) {
+      if (self.homeModel) {
+        self.homeModel.privateMessage(data);
       }
     });
 

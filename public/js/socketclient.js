@@ -8,7 +8,9 @@
  * welcome(data), loginNameBad(name), loginNameExists(name),
  * usersInfo(names), userJoined(name, meta), userLeft(name, meta),
  * chatReceived(chat), history(history), resumeFailed(error),
- * protocolError(error).
+ * protocolError(error); rooms and private messages: conversations(summary),
+ * roomCreated(data), roomJoined(data), roomLeft(data), roomChat(data),
+ * privateMessage(data).
  */
 (function (ChatApp, _, io) {
   'use strict';
@@ -59,16 +61,29 @@
       this.socket.emit('login', name);
     },
 
-    // cb(error) once the server stored the chat or refused it.
-    chat: function (text, cb) {
-      this.socket.timeout(ANSWER_TIMEOUT_MS).emit('chat', text, function (err, ack) {
+    // Emit `event` with `args` and call cb(error, answer) with the ack:
+    // error {code, message} for a refusal ({ok: false}) or no answer in time.
+    request: function (event, args, cb) {
+      var socket = this.socket.timeout(ANSWER_TIMEOUT_MS);
+      socket.emit.apply(socket, [event].concat(args, [function (err, ack) {
         if (err) {
-          cb({ code: 'timeout', message: 'No answer from the server; the message may not have been sent.' });
-        } else if (ack && ack.ok === false) {
-          cb({ code: ack.error, message: ack.message });
+          cb({ code: 'timeout', message: 'No answer from the server.' });
+        } else if (!_.isObject(ack) || ack.ok === false) {
+          cb({ code: (ack && ack.error) || 'bad_answer', message: (ack && ack.message) || 'The server refused.' });
         } else {
           cb(null, ack);
         }
+      }]));
+    },
+
+    // cb(error) once the server stored the chat or refused it. `target`:
+    // null for the lobby (the seed's one-argument chat), {room} or {to}.
+    chat: function (text, cb, target) {
+      this.request('chat', target ? [text, target] : [text], function (error, ack) {
+        if (error && error.code === 'timeout') {
+          error.message = 'No answer from the server; the message may not have been sent.';
+        }
+        cb(error, ack);
       });
     },
 
@@ -76,17 +91,40 @@
       this.socket.emit('onlineUsers');
     },
 
-    // cb(error, {items, reachedStart}): lines older than `before`.
-    olderHistory: function (before, limit, cb) {
-      this.socket.timeout(ANSWER_TIMEOUT_MS).emit('history', { before: before, limit: limit }, function (err, page) {
-        if (err) {
-          cb({ code: 'timeout', message: 'No answer from the server.' });
-        } else if (!page || page.ok === false || !_.isArray(page.items)) {
-          cb({ code: (page && page.error) || 'bad_answer', message: (page && page.message) || 'History is not available.' });
-        } else {
-          cb(null, page);
+    // cb(error, {items, reachedStart}): `query` is {before?, limit?, room?, with?}.
+    history: function (query, cb) {
+      this.request('history', [query], function (error, page) {
+        if (!error && !_.isArray(page.items)) {
+          error = { code: 'bad_answer', message: 'History is not available.' };
         }
+        cb(error, error ? null : page);
       });
+    },
+
+    createRoom: function (room, topic, cb) {
+      this.request('createRoom', [{ room: room, topic: topic }], cb);
+    },
+
+    joinRoom: function (room, cb) {
+      this.request('joinRoom', [{ room: room }], cb);
+    },
+
+    leaveRoom: function (room, cb) {
+      this.request('leaveRoom', [{ room: room }], cb);
+    },
+
+    // cb(error, {rooms, more}): the rooms after `after` (a name) in name order.
+    listRooms: function (after, cb) {
+      this.request('listRooms', [after ? { after: after } : {}], cb);
+    },
+
+    roomMembers: function (room, cb) {
+      this.request('roomMembers', [{ room: room }], cb);
+    },
+
+    // `scope` is {room} or {with}.
+    markRead: function (scope, position, cb) {
+      this.request('markRead', [_.extend({ position: position }, scope)], cb || function () {});
     },
 
     listen: function (socket) {
@@ -129,6 +167,13 @@
         if (_.isObject(history)) {
           vent.trigger('history', history);
         }
+      });
+      _.each(['conversations', 'roomCreated', 'roomJoined', 'roomLeft', 'roomChat', 'privateMessage'], function (name) {
+        socket.on(name, function (data) {
+          if (_.isObject(data)) {
+            vent.trigger(name, data);
+          }
+        });
       });
       socket.on('resumeFailed', function (error) {
         vent.trigger('resumeFailed', _.isObject(error) ? error : {});

@@ -1,5 +1,6 @@
-/* The screen models: login form, lobby, connection state, and the container
- * that says which screen is shown. */
+/* The screen models: login form, the logged-in screen (lobby, rooms, private
+ * conversations), connection state, and the container that says which screen
+ * is shown. */
 (function (ChatApp, Backbone, _) {
   'use strict';
 
@@ -52,7 +53,10 @@
   });
 
   /*
-   * The lobby: online users, chat lines, and what the reader has seen.
+   * The logged-in screen: online users, the conversations (the lobby first),
+   * which one is shown, and what the reader has seen.
+   *
+   * The lobby's lines are `chats`, also the lobby conversation's lines.
    *
    * `horizon` is the highest log position seen; it is the `lastPosition`
    * offered when resuming. Join and leave lines without a position (the
@@ -65,9 +69,8 @@
       return {
         me: '',
         online: false,           // connected and logged in: chatting is possible
-        historyAvailable: false, // the server sent `history` at least once
-        reachedStart: false,
-        loadingOlder: false,
+        active: LOBBY_KEY,       // the key of the conversation shown
+        directory: false,        // the room directory is shown instead of a conversation
         chatError: ''
       };
     },
@@ -75,7 +78,14 @@
     initialize: function () {
       this.users = new models.UserCollection();
       this.chats = new models.ChatCollection();
+      this.conversations = new models.ConversationCollection();
+      // The lobby conversation's `historyAvailable`, `reachedStart` and
+      // `loadingOlder` describe `chats`.
+      this.lobby = new models.ConversationModel({ key: LOBBY_KEY, kind: 'lobby', name: 'lobby' }, { chats: this.chats });
+      this.conversations.add(this.lobby);
+      this.directory = new models.DirectoryModel();
       this.horizon = 0;
+      this.summaryPosition = undefined; // the last `conversations` summary's position
       this.session = null;
       this.replayEchoes = [];
     },
@@ -104,6 +114,13 @@
       this.set({ online: false });
     },
 
+    // A log position was delivered: resuming asks for what comes after it.
+    seen: function (position) {
+      if (position !== undefined) {
+        this.horizon = Math.max(this.horizon, position);
+      }
+    },
+
     echoCandidates: function (horizon) {
       return this.chats.filter(function (m) {
         var kind = m.get('kind');
@@ -118,27 +135,41 @@
       if (position !== undefined && this.replayEchoes.length && position > this.session.before) {
         this.replayEchoes = []; // the replay has moved past what we had seen
       }
-      this.addLine({
+      var line = {
         kind: 'chat',
         sender: String(chat.sender),
         message: String(chat.message),
         time: chat.time || null,
         position: position
-      });
+      };
+      if (this.addLine(line)) {
+        this.arrived(this.lobby, [line]);
+      }
     },
 
     userJoined: function (name, meta) {
       this.users.addName(name);
+      this.presence(name, true);
       this.addPresence('join', name, meta);
     },
 
     userLeft: function (name, meta) {
       this.users.removeName(name);
+      this.presence(name, false);
       this.addPresence('leave', name, meta);
     },
 
     setOnlineUsers: function (names) {
       this.users.resetNames(names);
+      var online = new Set(names); // not an object: a user may be called __proto__
+      this.conversations.each(function (conversation) {
+        conversation.members.each(function (member) {
+          member.set('online', online.has(member.get('name')));
+        });
+        if (conversation.get('kind') === 'private') {
+          conversation.set('peerOnline', online.has(conversation.get('name')));
+        }
+      });
     },
 
     addNotice: function (text) {
@@ -160,17 +191,18 @@
       this.addLine({ kind: kind, name: name, time: time, position: position });
     },
 
+    // Returns the line's model, or null when it was shown already.
     addLine: function (attrs) {
       if (attrs.position !== undefined) {
         if (this.chats.get(attrs.position)) {
-          return; // already shown
+          return null; // already shown
         }
         this.horizon = Math.max(this.horizon, attrs.position);
       } else {
         attrs.after = this.horizon;
         delete attrs.position;
       }
-      this.chats.add(attrs);
+      return this.chats.add(attrs);
     },
 
     // -- history ---------------------------------------------------------
@@ -210,12 +242,13 @@
         this.horizon = Math.max(this.horizon, _.last(lines).position);
         this.chats.add(lines, { at: Math.min(session.liveStart, this.chats.length) });
       }
-      var firstTime = !this.get('historyAvailable');
-      this.set({
+      var firstTime = !this.lobby.get('historyAvailable');
+      this.lobby.set({
         historyAvailable: true,
         // Only the first answer says whether older lines exist before the list.
-        reachedStart: firstTime ? !!history.reachedStart : this.get('reachedStart')
+        reachedStart: firstTime ? !!history.reachedStart : this.lobby.get('reachedStart')
       });
+      this.trigger('arrived', this.lobby);
     },
 
     // An older page (the ack of a `history` request): prepend it.
@@ -226,9 +259,215 @@
       if (lines.length) {
         this.chats.add(lines, { at: 0 });
       }
-      this.set({ reachedStart: !!page.reachedStart || !lines.length, loadingOlder: false });
+      this.lobby.set({ reachedStart: !!page.reachedStart || !lines.length, loadingOlder: false });
+    },
+
+    // -- conversations ---------------------------------------------------
+
+    activeConversation: function () {
+      return this.conversations.get(this.get('active')) || this.lobby;
+    },
+
+    // Show a conversation: it is read from now on.
+    select: function (conversation) {
+      this.set({ active: conversation.id, directory: false, chatError: '' });
+      conversation.set('unread', 0);
+      this.trigger('arrived', conversation); // time to mark it read
+    },
+
+    room: function (name) {
+      return this.conversations.get(roomKey(name));
+    },
+
+    // The room conversation for `name` (canonical), made if missing.
+    ensureRoom: function (name, attrs) {
+      name = String(name);
+      var conversation = this.room(name);
+      if (!conversation) {
+        conversation = new models.ConversationModel({ key: roomKey(name), kind: 'room', name: name });
+        this.conversations.add(conversation);
+      }
+      conversation.set(_.extend({ name: conversation.isLobby() ? 'lobby' : name }, attrs || {}));
+      return conversation;
+    },
+
+    // The private conversation with `peer`, made if missing.
+    ensurePrivate: function (peer, attrs) {
+      peer = String(peer);
+      var conversation = this.conversations.get(privateKey(peer));
+      if (!conversation) {
+        conversation = new models.ConversationModel({
+          key: privateKey(peer), kind: 'private', name: peer, peerOnline: !!this.users.get(peer)
+        });
+        this.conversations.add(conversation);
+      }
+      if (attrs) {
+        conversation.set(attrs);
+      }
+      return conversation;
+    },
+
+    // We are no longer in room `name`.
+    dropRoom: function (name) {
+      var conversation = this.room(name);
+      if (!conversation || conversation.isLobby()) {
+        return;
+      }
+      if (this.get('active') === conversation.id) {
+        this.select(this.lobby);
+      }
+      this.conversations.remove(conversation);
+    },
+
+    // Lines that arrived live in `conversation` (already added): count the
+    // unread ones, unless it is being read.
+    arrived: function (conversation, lines) {
+      if (conversation.id === this.get('active') && !this.get('directory')) {
+        this.trigger('arrived', conversation);
+        return;
+      }
+      if (this.summaryPosition === undefined) {
+        return; // counted when the summary comes
+      }
+      var me = this.get('me');
+      var summaryPosition = this.summaryPosition;
+      var fresh = _.filter(lines, function (line) {
+        return line.position > summaryPosition && conversation.countsAsUnread(line, me);
+      }).length;
+      if (fresh) {
+        conversation.set('unread', conversation.get('unread') + fresh);
+      }
+    },
+
+    // The server's `conversations` summary (after each login and resume).
+    applySummary: function (summary) {
+      var position = toPosition(summary.position);
+      if (position === undefined) {
+        return;
+      }
+      this.summaryPosition = position;
+      var me = this.get('me');
+      var active = this.get('directory') ? null : this.get('active');
+      var listed = {};
+      var take = function (conversation, entry) {
+        listed[conversation.id] = true;
+        var readPosition = toPosition(entry.readPosition) || 0;
+        var unread = conversation.id === active ? 0
+          : Math.max(0, toPosition(entry.unread) || 0) + conversation.unreadAfter(position, me);
+        var lastPosition = toPosition(entry.lastPosition) || 0;
+        conversation.set({
+          unread: unread,
+          lastPosition: lastPosition,
+          activity: Math.max(conversation.get('activity'), lastPosition),
+          readSent: Math.max(conversation.get('readSent'), readPosition)
+        });
+      };
+      _.each(_.isArray(summary.rooms) ? summary.rooms : [], function (entry) {
+        if (_.isObject(entry) && typeof entry.room === 'string') {
+          take(this.ensureRoom(entry.room, { topic: String(entry.topic || '') }), entry);
+        }
+      }, this);
+      _.each(_.isArray(summary['private']) ? summary['private'] : [], function (entry) {
+        if (_.isObject(entry) && typeof entry['with'] === 'string') {
+          take(this.ensurePrivate(entry['with'], { peerOnline: !!entry.online }), entry);
+        }
+      }, this);
+      // Rooms left meanwhile (not ones joined after the summary was made);
+      // collected first, as dropping changes the collection.
+      var gone = this.conversations.filter(function (conversation) {
+        return conversation.get('kind') === 'room' && !listed[conversation.id] &&
+          conversation.get('joinedPosition') <= position;
+      });
+      _.each(gone, function (conversation) { this.dropRoom(conversation.get('name')); }, this);
+      var shown = this.activeConversation();
+      if (shown.id === active) {
+        this.trigger('arrived', shown);
+      }
+    },
+
+    // Live room and private events ---------------------------------------
+
+    roomEvent: function (kind, data) {
+      var position = toPosition(data.position);
+      this.seen(position);
+      var name = String(data.room);
+      var me = this.get('me');
+      var who = String(kind === 'chat' ? data.sender : (kind === 'created' ? data.creator : data.name));
+      if (kind === 'leave' && who === me) {
+        this.dropRoom(name);
+        return;
+      }
+      var conversation = this.room(name);
+      if (!conversation && (kind === 'chat' || who === me)) {
+        // Our own create or join (from its live event, maybe before the ack),
+        // or a chat of a room we are in but did not know of yet.
+        conversation = this.ensureRoom(name, kind === 'created' ? { topic: String(data.topic || '') } : null);
+      }
+      if (!conversation || conversation.isLobby()) {
+        return;
+      }
+      if (who === me && (kind === 'join' || kind === 'created') && position !== undefined) {
+        conversation.set('joinedPosition', Math.max(conversation.get('joinedPosition'), position));
+      }
+      var line = { kind: kind, time: data.time || null, position: position };
+      if (kind === 'chat') {
+        _.extend(line, { sender: who, message: String(data.message) });
+      } else {
+        _.extend(line, { name: who, message: kind === 'created' ? String(data.topic || '') : '' });
+      }
+      if (conversation.membersLoaded && kind === 'join') {
+        conversation.members.add({ name: who, online: true }, { merge: true });
+      } else if (conversation.membersLoaded && kind === 'leave') {
+        conversation.members.remove(who);
+      }
+      this.arrived(conversation, conversation.addLines([line]));
+    },
+
+    privateMessage: function (data) {
+      var position = toPosition(data.position);
+      this.seen(position);
+      var me = this.get('me');
+      var sender = String(data.sender);
+      var peer = sender === me ? String(data.recipient) : sender;
+      var conversation = this.ensurePrivate(peer);
+      var line = { kind: 'chat', sender: sender, message: String(data.message), time: data.time || null, position: position };
+      this.arrived(conversation, conversation.addLines([line]));
+    },
+
+    // Presence is global: a room member or a PM peer is online when they
+    // are in the lobby's online users.
+    presence: function (name, online) {
+      this.conversations.each(function (conversation) {
+        var member = conversation.members.get(name);
+        if (member) {
+          member.set('online', online);
+        }
+        if (conversation.get('kind') === 'private' && conversation.get('name') === name) {
+          conversation.set('peerOnline', online);
+        }
+      });
+    },
+
+    // A re-login that was not a resume: nothing missed is replayed, so rooms
+    // and PMs load their history again.
+    forgetConversations: function () {
+      this.conversations.each(function (conversation) {
+        if (!conversation.isLobby()) {
+          conversation.forget();
+        }
+      });
     }
   });
+
+  var LOBBY_KEY = 'room:lobby';
+
+  function roomKey(name) {
+    return 'room:' + String(name).toLowerCase();
+  }
+
+  function privateKey(peer) {
+    return 'dm:' + peer;
+  }
 
   function toPosition(value) {
     return typeof value === 'number' && isFinite(value) ? value : undefined;

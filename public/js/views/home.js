@@ -1,54 +1,139 @@
-/* The lobby: chat lines with their input, and the online users. */
+/* The logged-in screen: the conversation list, the shown conversation (or
+ * the room directory) with its input, and the people beside it: the online
+ * users, or a room's members. */
 (function (ChatApp, Backbone, _) {
   'use strict';
+
+  var views = ChatApp.views;
 
   ChatApp.views.HomeView = Backbone.View.extend({
     className: 'home-screen',
     template: ChatApp.template('home-template'),
+    conversationTemplate: ChatApp.template('conversation-template'),
+    headerTemplate: ChatApp.template('conversation-header-template'),
     olderTemplate: ChatApp.template('older-template'),
+    usersTemplate: ChatApp.template('users-panel-template'),
+    membersTemplate: ChatApp.template('members-panel-template'),
 
     events: {
       'submit #chatForm': 'send',
       'click [data-action="older"]': 'loadOlder',
-      'input #chatInput': 'typed'
+      'input #chatInput': 'typed',
+      'click [data-action="leave"]': 'leave'
     },
 
     initialize: function (options) {
       this.vent = options.vent;
+      this.conversation = null; // the one shown (null: the directory)
       this.listenTo(this.model, 'change:online', this.renderOnline);
       this.listenTo(this.model, 'change:chatError', this.renderError);
-      this.listenTo(this.model, 'change:historyAvailable change:reachedStart change:loadingOlder', this.renderOlder);
+      this.listenTo(this.model, 'change', function () {
+        // select() sets both at once: one render.
+        if (this.model.hasChanged('active') || this.model.hasChanged('directory')) {
+          this.renderMain();
+        }
+      });
       this.listenTo(this.model, 'unsent', this.restore);
     },
 
-    render: function () {
+    me: function () {
       var model = this.model;
-      var me = function () { return model.get('me'); };
-      _.invoke(_.compact([this.chatList, this.userList]), 'remove');
+      return function () { return model.get('me'); };
+    },
+
+    render: function () {
+      this.removeParts();
+      if (this.conversationList) {
+        this.conversationList.remove();
+      }
       this.$el.html(this.template({}));
-      this.chatList = new ChatApp.views.ChatListView({
+      this.conversationList = new views.ConversationListView({
+        el: this.$('.conv-side').get(0), model: this.model, vent: this.vent
+      }).render();
+      this.renderMain();
+      return this;
+    },
+
+    // The middle and right panels, for the conversation shown (or the directory).
+    renderMain: function () {
+      if (this.conversation && this.$('#chatInput').length) {
+        // Keep what was typed for when this conversation is shown again.
+        this.conversation.set('draft', this.$('#chatInput').val());
+      }
+      this.removeParts();
+      var panel = this.$('#convPanel');
+      if (this.model.get('directory')) {
+        this.conversation = null;
+        this.directory = new views.RoomDirectoryView({ model: this.model.directory, home: this.model, vent: this.vent });
+        panel.empty().append(this.directory.render().el).attr('aria-label', 'Rooms');
+        this.renderPeople(null);
+        if (this.el.isConnected) {
+          this.directory.shown();
+        }
+        return;
+      }
+      var conversation = this.conversation = this.model.activeConversation();
+      panel.html(this.conversationTemplate({})).attr('aria-label', conversation.isLobby() ? 'Lobby' : conversation.get('name'));
+      this.listenTo(conversation, 'change:name change:topic change:peerOnline', this.renderHeader);
+      this.listenTo(conversation, 'change:historyAvailable change:reachedStart change:loadingOlder', this.renderOlder);
+      this.chatList = new views.ChatListView({
         el: this.$('#chatList').get(0),
-        collection: model.chats,
+        collection: conversation.chats,
         scroller: this.$('#chatScroll').get(0),
         newBelow: this.$('#newBelow').get(0),
-        me: me
+        me: this.me()
       }).render();
-      this.userList = new ChatApp.views.UserListView({
-        el: this.$('#userList').get(0),
-        collection: model.users,
-        badge: this.$('#userCount').get(0),
-        me: me
-      }).render();
+      this.$('#chatInput').val(conversation.get('draft'));
+      this.renderHeader();
+      this.renderPeople(conversation);
       this.renderOnline();
       this.renderError();
       this.renderOlder();
-      return this;
+      if (this.el.isConnected) {
+        this.$('#chatInput').trigger('focus');
+      }
+    },
+
+    removeParts: function () {
+      if (this.conversation) {
+        this.stopListening(this.conversation);
+      }
+      _.invoke(_.compact([this.chatList, this.people, this.directory]), 'remove');
+      this.chatList = this.people = this.directory = null;
+    },
+
+    // A room shows its members; the lobby, a PM and the directory the online users.
+    renderPeople: function (conversation) {
+      var aside = this.$('#peoplePanel');
+      if (conversation && conversation.get('kind') === 'room') {
+        aside.html(this.membersTemplate({})).attr('aria-label', 'Members');
+        this.people = new views.UserListView({
+          el: this.$('#memberList').get(0), collection: conversation.members,
+          badge: this.$('#memberCount').get(0), me: this.me(), vent: this.vent, presence: true
+        }).render();
+      } else {
+        aside.html(this.usersTemplate({})).attr('aria-label', 'Online users');
+        this.people = new views.UserListView({
+          el: this.$('#userList').get(0), collection: this.model.users,
+          badge: this.$('#userCount').get(0), me: this.me(), vent: this.vent
+        }).render();
+      }
     },
 
     // Called by the container once the view is in the document.
     shown: function () {
+      if (this.directory) {
+        this.directory.shown();
+        return;
+      }
       this.chatList.scrollToBottom();
       this.$('#chatInput').trigger('focus');
+    },
+
+    renderHeader: function () {
+      if (this.conversation) {
+        this.$('#convHeader').html(this.headerTemplate(this.conversation.toJSON()));
+      }
     },
 
     renderOnline: function () {
@@ -64,10 +149,14 @@
     },
 
     renderOlder: function () {
+      var conversation = this.conversation;
+      if (!conversation) {
+        return;
+      }
       this.$('#chatOlder').html(this.olderTemplate({
-        available: this.model.get('historyAvailable'),
-        reachedStart: this.model.get('reachedStart'),
-        loading: this.model.get('loadingOlder')
+        available: conversation.get('historyAvailable'),
+        reachedStart: conversation.get('reachedStart'),
+        loading: conversation.get('loadingOlder')
       }));
     },
 
@@ -85,7 +174,7 @@
       }
       input.val('');
       this.model.set('chatError', '');
-      this.vent.trigger('chat', text);
+      this.vent.trigger('chat', text, this.conversation);
     },
 
     typed: function () {
@@ -95,7 +184,13 @@
     },
 
     // A message the server refused: give it back unless something new was typed.
-    restore: function (text) {
+    restore: function (text, conversation) {
+      if (conversation && conversation !== this.conversation) {
+        if (!conversation.get('draft')) {
+          conversation.set('draft', text);
+        }
+        return;
+      }
       var input = this.$('#chatInput');
       if (!input.val()) {
         input.val(text);
@@ -103,13 +198,22 @@
     },
 
     loadOlder: function () {
-      if (!this.model.get('loadingOlder')) {
-        this.vent.trigger('loadOlder');
+      if (this.conversation && !this.conversation.get('loadingOlder')) {
+        this.vent.trigger('loadOlder', this.conversation);
+      }
+    },
+
+    leave: function () {
+      if (this.conversation && this.conversation.get('kind') === 'room') {
+        this.vent.trigger('leaveRoom', this.conversation);
       }
     },
 
     remove: function () {
-      _.invoke(_.compact([this.chatList, this.userList]), 'remove');
+      this.removeParts();
+      if (this.conversationList) {
+        this.conversationList.remove();
+      }
       return Backbone.View.prototype.remove.call(this);
     }
   });
