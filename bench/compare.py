@@ -31,10 +31,9 @@ Scenarios (the load generator's own, plus ``idle`` from ``bench/idle.js``):
   its room's 50; the senders spread evenly over the rooms, 20 times as many
   chats so both phases make the same number of deliveries), on one server
   process: deliveries/s and server CPU per delivery of both phases and their
-  ratio rooms/lobby (target: CPU per delivery within 1.25x). Not in the
-  default ``--scenarios``: ~50 s a repetition would make the run half as long
-  again. ``--rooms-phases lobby,rooms,all`` adds a control, one room of all
-  1,000 clients.
+  ratio rooms/lobby (target: CPU per delivery within 1.25x); 30-50 s a
+  repetition. ``--rooms-phases lobby,rooms,all`` adds a control, one room of
+  all 1,000 clients.
 
 Our server runs with its default, durable settings (WAL, synchronous=FULL,
 every chat committed before it is broadcast): no CHAT_* variable of the
@@ -48,7 +47,7 @@ listed under "Problems seen" (exit status 1).
 Every process this script starts is stopped before it returns (servers by
 SIGINT/SIGTERM, then SIGKILL after a grace period).
 
-    .venv/bin/python bench/compare.py                 # 3 repetitions, all scenarios
+    .venv/bin/python bench/compare.py                 # 3 repetitions, all scenarios, ~7 minutes
     .venv/bin/python bench/compare.py --repeat 5 --json bench-results.json
     .venv/bin/python bench/compare.py --scenarios fanout,fixed --repeat 1
     .venv/bin/python bench/compare.py --ref <commit>   # our server as of a commit
@@ -593,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", help="scratch folder to reuse (default: a new temporary folder, removed at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and databases")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--scenarios", default="fanout,fixed,login,churn,idle")
+    parser.add_argument("--scenarios", default="fanout,fixed,login,churn,idle,rooms")
     parser.add_argument("--servers", default="ours,peer", help="ours,peer (default), or one of them")
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument("--loadgen-cpu", default="1")
