@@ -31,7 +31,7 @@ Scenarios (the load generator's own, plus ``idle`` from ``bench/idle.js``):
   its room's 50; the senders spread evenly over the rooms, 20 times as many
   chats so both phases make the same number of deliveries), on one server
   process: deliveries/s and server CPU per delivery of both phases and their
-  ratio rooms/lobby (target: CPU per delivery within 1.25x); 30-50 s a
+  ratio rooms/lobby (target: CPU per delivery within 1.25x); 20-50 s a
   repetition. ``--rooms-phases lobby,rooms,all`` adds a control, one room of
   all 1,000 clients.
 
