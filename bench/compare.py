@@ -24,7 +24,16 @@ Scenarios (the load generator's own, plus ``idle`` from ``bench/idle.js``):
 - ``login``: 200 clients connect and log in at once, 5 rounds: logins/s;
 - ``churn``: 50 observers, 20 workers cycling connect/login/onlineUsers/
   disconnect, 1,000 cycles: cycles/s;
-- ``idle``: 1,000 logged-in idle clients: resident memory growth per client.
+- ``idle``: 1,000 logged-in idle clients: resident memory growth per client;
+- ``rooms`` (our server only, ``bench/rooms.js``; the peer has no rooms):
+  1,000 logged-in clients, 100 closed-loop senders, first chatting in the
+  lobby (each chat to all 1,000), then in 20 rooms of 50 members (each chat to
+  its room's 50; the senders spread evenly over the rooms, 20 times as many
+  chats so both phases make the same number of deliveries), on one server
+  process: deliveries/s and server CPU per delivery of both phases and their
+  ratio rooms/lobby (target: CPU per delivery within 1.25x); 20-50 s a
+  repetition. ``--rooms-phases lobby,rooms,all`` adds a control, one room of
+  all 1,000 clients.
 
 Our server runs with its default, durable settings (WAL, synchronous=FULL,
 every chat committed before it is broadcast): no CHAT_* variable of the
@@ -38,7 +47,7 @@ listed under "Problems seen" (exit status 1).
 Every process this script starts is stopped before it returns (servers by
 SIGINT/SIGTERM, then SIGKILL after a grace period).
 
-    .venv/bin/python bench/compare.py                 # 3 repetitions, all scenarios
+    .venv/bin/python bench/compare.py                 # 3 repetitions, all scenarios, ~7 minutes
     .venv/bin/python bench/compare.py --repeat 5 --json bench-results.json
     .venv/bin/python bench/compare.py --scenarios fanout,fixed --repeat 1
     .venv/bin/python bench/compare.py --ref <commit>   # our server as of a commit
@@ -79,6 +88,10 @@ class Metric:
     better: str  # "higher" or "lower"
     target: float | None = None  # ratio ours/peer to meet (>= for higher, <= for lower)
     digits: int = 1
+    # True: the target applies to our figure itself (a ratio between two of
+    # our own measurements, such as rooms/lobby), not to ours/peer.
+    own_target: bool = False
+    optional: bool = False  # from a phase not run by default: no row when not measured
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,7 @@ class Scenario:
     metrics: tuple[Metric, ...]
     script: str = "loadgen.js"
     max_s: float = 120.0
+    ours_only: bool = False  # the peer lacks the feature (rooms): our server only
 
 
 def _cpu_us_per(result: dict[str, Any], count: float) -> float:
@@ -192,6 +206,49 @@ def _idle_check(r: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _rooms_extract(r: dict[str, Any]) -> dict[str, float]:
+    nan = float("nan")
+    out: dict[str, float] = {}
+    for scope in ("lobby", "rooms", "all"):
+        phase = r.get(scope) or {}
+        lat = phase.get("latency_ms") or {}
+        out[f"{scope}_deliveries_per_s"] = phase.get("deliveries_per_s", nan)
+        out[f"{scope}_us_per_delivery"] = phase.get("server_us_per_delivery", nan)
+        out[f"{scope}_us_per_chat"] = phase.get("server_us_per_chat", nan)
+        out[f"{scope}_p99_ms"] = lat.get("p99", nan)
+        out[f"{scope}_server_cpu_pct"] = (phase.get("cpu") or {}).get("server_cpu_pct", nan)
+        out[f"{scope}_deliveries_per_write"] = phase.get("deliveries_per_write", nan)
+    for scope in ("rooms", "all"):
+        ratio = r.get(f"{scope}_over_lobby") or {}
+        out[f"{scope}_lobby_cpu_ratio"] = ratio.get("server_us_per_delivery", nan)
+        out[f"{scope}_lobby_deliveries_ratio"] = ratio.get("deliveries_per_s", nan)
+    return out
+
+
+def _rooms_check(r: dict[str, Any]) -> list[str]:
+    problems = []
+    phases = (r.get("params") or {}).get("phases") or ["lobby", "rooms"]
+    for scope in phases:
+        phase = r.get(scope)
+        if not phase:
+            problems.append(f"{scope} phase not run")
+            continue
+        if not phase.get("complete"):
+            problems.append(f"{scope}: incomplete, {phase.get('delivered')} of {phase.get('expected')} delivered")
+        bad = {k: v for k, v in (phase.get("checks") or {}).items() if v}
+        if bad:
+            problems.append(f"{scope}: checks failed {bad}")
+    if r.get("position_order_violations"):
+        problems.append(f"{r['position_order_violations']} deliveries out of log order")
+    for scope, setup in (r.get("setup") or {}).items():
+        if not isinstance(setup, dict):
+            continue
+        for key in ("roomJoined", "roomCreated"):
+            if key in setup and setup[key] != setup.get(f"{key}_expected"):
+                problems.append(f"{scope}: {key} events {setup[key]} != {setup.get(f'{key}_expected')}")
+    return problems
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -266,6 +323,41 @@ SCENARIOS: dict[str, Scenario] = {
             script="idle.js",
             max_s=300,
         ),
+        Scenario(
+            "rooms",
+            lambda a: [
+                "--n", str(a.rooms_clients), "--rooms", str(a.rooms), "--m", str(a.rooms_senders),
+                "--lobby-k", str(a.rooms_lobby_k), "--warm", "3", "--window", "1", "--size", "64",
+                "--timeout-s", "90", "--phases", a.rooms_phases,
+            ],
+            _rooms_extract,
+            _rooms_check,
+            (
+                Metric("lobby_deliveries_per_s", "lobby x1000: deliveries/s (closed loop)", "higher", None, 0),
+                Metric("lobby_us_per_delivery", "lobby x1000: server CPU per delivery, us", "lower", None, 2),
+                Metric("lobby_us_per_chat", "lobby x1000: server CPU per chat, us", "lower", None, 0),
+                Metric("lobby_p99_ms", "lobby x1000: latency p99, ms", "lower", None, 0),
+                Metric("lobby_deliveries_per_write", "lobby x1000: deliveries per server write call", "higher", None, 1),
+                Metric("rooms_deliveries_per_s", "rooms 20x50: deliveries/s (closed loop)", "higher", None, 0),
+                Metric("rooms_us_per_delivery", "rooms 20x50: server CPU per delivery, us", "lower", None, 2),
+                Metric("rooms_us_per_chat", "rooms 20x50: server CPU per chat, us", "lower", None, 0),
+                Metric("rooms_p99_ms", "rooms 20x50: latency p99, ms", "lower", None, 0),
+                Metric("rooms_server_cpu_pct", "rooms 20x50: server CPU, % of a core", "lower", None, 0),
+                Metric("rooms_deliveries_per_write", "rooms 20x50: deliveries per server write call", "higher", None, 1),
+                Metric("rooms_lobby_deliveries_ratio", "rooms/lobby deliveries/s", "higher", None, 2),
+                Metric("rooms_lobby_cpu_ratio", "rooms/lobby server CPU per delivery", "lower", 1.25, 2,
+                       own_target=True),
+                Metric("all_us_per_delivery", "one room of all 1000: server CPU per delivery, us", "lower", None, 2,
+                       optional=True),
+                Metric("all_deliveries_per_write", "one room of all 1000: deliveries per server write call", "higher",
+                       None, 1, optional=True),
+                Metric("all_lobby_cpu_ratio", "one room of all 1000/lobby server CPU per delivery", "lower", None, 2,
+                       optional=True),
+            ),
+            script="rooms.js",
+            max_s=240,
+            ours_only=True,
+        ),
     )
 }
 
@@ -301,7 +393,8 @@ class Bench:
                     ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
                     cwd=target / sub, check=True, timeout=300, stdout=sys.stderr,
                 )
-        shutil.copyfile(HERE / "idle.js", target / "loadgen" / "idle.js")
+        for script in ("idle.js", "rooms.js"):
+            shutil.copyfile(HERE / script, target / "loadgen" / script)
         if self.args.code:
             self.code_root = Path(self.args.code).resolve()
             log(f"measuring our server from {self.code_root}")
@@ -440,7 +533,7 @@ def summarize(results: dict[str, dict[str, list[dict[str, Any]]]], servers: list
                 values = [run["figures"].get(metric.key, float("nan")) for run in per_kind.get(kind, [])]
                 row[kind] = median(values)
                 row[f"{kind}_runs"] = values
-            if "ours" in servers and "peer" in servers:
+            if "ours" in servers and "peer" in servers and not scenario.ours_only:
                 ratios = [
                     o["figures"][metric.key] / p["figures"][metric.key]
                     for o, p in zip(per_kind["ours"], per_kind["peer"], strict=False)
@@ -448,30 +541,41 @@ def summarize(results: dict[str, dict[str, list[dict[str, Any]]]], servers: list
                 ]
                 row["ratio"] = median(ratios)
                 row["ratio_runs"] = ratios
-                if metric.target is not None and row["ratio"] == row["ratio"]:
-                    ok = row["ratio"] >= metric.target if metric.better == "higher" else row["ratio"] <= metric.target
-                    row["met"] = ok
+            # The figure that a target applies to: ours/peer, or our own
+            # figure when that is already a ratio of two of our measurements.
+            judged = row.get("ours") if metric.own_target else row.get("ratio")
+            if metric.target is not None and judged is not None and judged == judged:
+                row["met"] = judged >= metric.target if metric.better == "higher" else judged <= metric.target
             rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict[str, Any]], servers: list[str], repeat: int, heading: str = "") -> None:
     digits = {m.key: m.digits for s in SCENARIOS.values() for m in s.metrics}
-    head = ["figure", *servers]
-    if "ratio" in (rows[0] if rows else {}):
-        head += ["ours/peer", "target", "met"]
+    own = {m.key for s in SCENARIOS.values() for m in s.metrics if m.own_target}
+    both = "ours" in servers and "peer" in servers
+    head = ["figure", *servers, *(["ours/peer"] if both else []), "target", "met"]
+    optional = {m.key for s in SCENARIOS.values() for m in s.metrics if m.optional}
     lines = [head]
     for row in rows:
+        if row["metric"] in optional and all(row[k] != row[k] for k in servers):
+            continue
         d = digits[row["metric"]]
-        line = [row["label"], *(fmt(row[k], d) for k in servers)]
-        if "ratio" in row:
-            target = ""
-            if row["target"] is not None:
-                target = (">= " if row["better"] == "higher" else "<= ") + f"{row['target']:g}"
-            met = "" if "met" not in row else ("yes" if row["met"] else "NO")
-            line += [fmt(row["ratio"], 2), target, met]
+        # An ours-only scenario (rooms) has no peer figure: blank, not n/a.
+        line = [row["label"], *("" if k != "ours" and SCENARIOS[row["scenario"]].ours_only else fmt(row[k], d)
+                                for k in servers)]
+        if both:
+            line.append(fmt(row["ratio"], 2) if "ratio" in row else "")
+        target = ""
+        if row["target"] is not None:
+            target = (">= " if row["better"] == "higher" else "<= ") + f"{row['target']:g}"
+            if row["metric"] in own:
+                target += " (ours)"
+        met = "" if "met" not in row else ("yes" if row["met"] else "NO")
+        line += [target, met]
         lines.append(line)
-    print(f"\n{heading}Medians of {repeat} run(s); ratio = median of the per-run ratios ours/peer\n")
+    print(f"\n{heading}Medians of {repeat} run(s); ratio = median of the per-run ratios ours/peer; "
+          "rooms: our server only, its lobby and rooms phases on one server process\n")
     print("| " + " | ".join(lines[0]) + " |")
     print("|" + "|".join("---" for _ in lines[0]) + "|")
     for line in lines[1:]:
@@ -488,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", help="scratch folder to reuse (default: a new temporary folder, removed at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and databases")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--scenarios", default="fanout,fixed,login,churn,idle")
+    parser.add_argument("--scenarios", default="fanout,fixed,login,churn,idle,rooms")
     parser.add_argument("--servers", default="ours,peer", help="ours,peer (default), or one of them")
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument("--loadgen-cpu", default="1")
@@ -501,6 +605,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--login-rounds", type=int, default=5)
     parser.add_argument("--churn-cycles", type=int, default=1000)
     parser.add_argument("--idle-clients", type=int, default=1000)
+    parser.add_argument("--rooms-clients", type=int, default=1000, help="rooms scenario: clients (all in the lobby)")
+    parser.add_argument("--rooms", type=int, default=20, help="rooms scenario: rooms (clients split evenly)")
+    parser.add_argument("--rooms-senders", type=int, default=100,
+                        help="rooms scenario: closed-loop senders, in both phases (spread evenly over the rooms)")
+    parser.add_argument("--rooms-phases", default="lobby,rooms",
+                        help="rooms scenario: phases in order; add 'all' for a control, one room of all the clients")
+    parser.add_argument("--rooms-lobby-k", type=int, default=5,
+                        help="rooms scenario: chats per sender in the lobby phase; the rooms phase sends --rooms "
+                             "times as many, so both phases make the same number of deliveries")
     parser.add_argument("--json", help="write every run and the summary to this file")
     args = parser.parse_args(argv)
 
@@ -530,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             order = args.servers if rep % 2 == 0 else list(reversed(args.servers))
             for name in names:
                 for kind in order:
+                    if SCENARIOS[name].ours_only and kind != "ours":
+                        continue
                     log(f"run {rep + 1}/{args.repeat}: {name} against {kind}")
                     run = bench.run(SCENARIOS[name], kind)
                     results[name][kind].append(run)
@@ -543,9 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.stop_all()
 
-    rows = summarize(results, args.servers)
+    # Only the servers something was measured on (rooms alone: ours only).
+    shown = [k for k in args.servers if any(results[n][k] for n in names)] or args.servers
+    rows = summarize(results, shown)
     what = f"git {args.ref}" if args.ref else (str(bench.code_root) if args.code else "working tree")
-    print_table(rows, args.servers, args.repeat,
+    print_table(rows, shown, args.repeat,
                 f"{started_at:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, our server: {what}. ")
     problems = [(n, k, i, p) for n, per in results.items() for k, runs in per.items()
                 for i, run in enumerate(runs) for p in run["problems"]]

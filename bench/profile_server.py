@@ -11,6 +11,10 @@ the event loop's poll show up as the loop's own frame.
     HOST=127.0.0.1 PORT=8080 CHAT_DATABASE_URL=... \\
         .venv/bin/python bench/profile_server.py --folded /tmp/stacks.txt
 
+``--window-signals``: sample only between a SIGUSR1 (start afresh) and a
+SIGUSR2 (stop), e.g. ``bench/rooms.js --mark-window 1`` around its measured
+phase, so that logins and set-up stay out of the profile.
+
 Measure with it, never benchmark with it: sampling costs a little CPU. Read
 it as a rough guide: Python runs signal handlers between bytecodes, so a
 sample taken during a long C call (a syscall, a database step, another
@@ -79,12 +83,25 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.001, help="seconds of CPU time between samples")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--folded", help="write folded stacks here")
+    parser.add_argument("--window-signals", action="store_true",
+                        help="sample only from a SIGUSR1 (clears what was sampled) to a SIGUSR2")
     args, rest = parser.parse_known_args()
     sys.path.insert(0, os.environ.get("PYTHONPATH", "") or os.getcwd())
     from chatserver.__main__ import main as serve
 
+    def start(_signum: int = 0, _frame: FrameType | None = None) -> None:
+        _stacks.clear()
+        signal.setitimer(signal.ITIMER_PROF, args.interval, args.interval)
+
+    def stop(_signum: int = 0, _frame: FrameType | None = None) -> None:
+        signal.setitimer(signal.ITIMER_PROF, 0, 0)
+
     signal.signal(signal.SIGPROF, _sample)
-    signal.setitimer(signal.ITIMER_PROF, args.interval, args.interval)
+    if args.window_signals:
+        signal.signal(signal.SIGUSR1, start)
+        signal.signal(signal.SIGUSR2, stop)
+    else:
+        start()
     try:
         return serve(rest)
     finally:

@@ -65,6 +65,7 @@ _UNREAD_TYPES = (MessagePosted.type, PrivateMessageSent.type)
 ROOM_LIST_MAX = 100
 SUMMARY_REUSE = 1.0  # seconds
 DELIVERY_WAIT = 10.0  # seconds a room request waits for its session's welcome
+ROOM_FOLLOW_WAIT = 5.0  # seconds a request waits to see a room the log holds
 
 
 def hash_token(token: str) -> str:
@@ -392,6 +393,20 @@ class Commands:
             raise domain.NoSuchRoom(f"there is no room named {name}")
         return key, room
 
+    async def _find_room(self, raw: object) -> tuple[str, Room | None]:
+        """``_room``, for a room this process may not have seen yet: created
+        by another process moments ago (a user there told a user here to
+        join). The log has the last word: if it holds the room, wait for
+        this process to follow it that far."""
+        try:
+            return self._room(raw)
+        except domain.NoSuchRoom:
+            name = domain.check_room_name(raw, max_chars=self.settings.room_name_max)
+            created = await self.store.read_all(streams=[room_stream(name)], limit=1)
+            if not created or not await self.delivery.applied_through(created[0].position, ROOM_FOLLOW_WAIT):
+                raise
+            return self._room(raw)
+
     def _member_room(self, session: Session, raw: str) -> Room:
         key, room = self._room(raw)
         assert room is not None  # the lobby is not a target
@@ -450,7 +465,8 @@ class Commands:
         """None: a member already (the lobby included)."""
         session = await self._room_session(sid)
         req = domain.check_request(request, protocol.JOIN_ROOM)
-        key, room = self._room(req.get("room"))
+        key, room = await self._find_room(req.get("room"))
+        self._still_active(session)
         rooms = session.rooms if session.rooms is not None else set()
         if room is None or key in rooms:
             return None
@@ -510,12 +526,13 @@ class Commands:
         mine = session.rooms or set()
         online = self.delivery.online
         out: list[dict[str, Any]] = []
-        if after is None:
-            out.append(self._lobby_entry())
-        start = room_key(after) if after is not None else ""
-        keys = self.delivery.rooms.sorted_keys()
-        index = bisect.bisect_right(keys, start)
+        # The lobby is listed in its place among the rooms, within the limit.
+        keys = self.delivery.rooms.sorted_keys(with_lobby=True)
+        index = bisect.bisect_right(keys, room_key(after)) if after is not None else 0
         for key in keys[index : index + limit]:
+            if key == LOBBY:
+                out.append(self._lobby_entry())
+                continue
             room = self.delivery.rooms.rooms[key]
             out.append(
                 {
@@ -703,6 +720,8 @@ class Commands:
         return {"position": position}
 
     def _known_user(self, raw: object) -> str:
+        if not isinstance(raw, str):
+            raise domain.BadPayload("with must be a user name")
         try:
             name = domain.check_name(raw)
         except domain.NameBad:

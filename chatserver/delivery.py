@@ -19,6 +19,7 @@ with no await between finding nothing new and joining.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 from collections.abc import Callable
@@ -157,6 +158,9 @@ class Delivery:
         # up to it and then joins live delivery.
         self.dispatched = 0
         self.first_visible: int | None = None
+        # (position, future) of those waiting for the views to reach a
+        # position, kept sorted.
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     # -- lifecycle -----------------------------------------------------------
     def start(
@@ -177,6 +181,31 @@ class Delivery:
         await self._outbox.put(_Stop())
         if self._task is not None:
             await self._task
+
+    async def applied_through(self, position: int, timeout: float) -> bool:
+        """Wait until the live views have applied ``position`` (an event
+        another process appended and this one has yet to follow); False if
+        that took longer than ``timeout``."""
+        if self.applied >= position:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (position, future)
+        bisect.insort(self._waiters, entry, key=lambda e: e[0])
+        self.want_follow()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    def _wake_waiters(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.applied:
+            _position, future = self._waiters.pop(0)
+            if not future.done():
+                future.set_result(None)
 
     # -- what the rest of the service hands over -------------------------------
     def committed(self, events: list[StoredEvent]) -> None:
@@ -308,6 +337,8 @@ class Delivery:
         except Exception:
             log.exception("could not apply event %d (%s)", stored.position, stored.type)
         self.applied = stored.position
+        if self._waiters and self._waiters[0][0] <= stored.position:
+            self._wake_waiters()
         if self.first_visible is None and scope_of(stored.event) == LOBBY_SCOPE:
             self.first_visible = stored.position
         self._on_applied(stored)

@@ -9,6 +9,7 @@ second process or socket cannot claim a name that changed under it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
@@ -167,9 +168,11 @@ def user_stream(name: str) -> str:
     return f"user-{name}"
 
 
+@functools.lru_cache(maxsize=4096)
 def room_key(room: str) -> str:
     """Room names are one name whatever their case: the key is the casefolded
-    name (casefolding can denormalize, so NFC again)."""
+    name (casefolding can denormalize, so NFC again). Cached: every room
+    event's routing asks it, of a few names."""
     return unicodedata.normalize("NFC", room.casefold())
 
 

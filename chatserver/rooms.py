@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .events import (
+    LOBBY,
     LOBBY_SCOPE,
     ConversationRead,
     PrivateMessageSent,
@@ -231,11 +232,12 @@ class RoomsView:
         for stored in events:
             self.apply(stored)
 
-    def sorted_keys(self) -> list[str]:
-        """Every room's key, in order (kept until a room is created)."""
+    def sorted_keys(self, *, with_lobby: bool = False) -> list[str]:
+        """Every room's key (and the lobby's), in order; kept until a room
+        is created."""
         if self._sorted is None:
-            self._sorted = sorted(self.rooms)
-        return self._sorted
+            self._sorted = sorted([*self.rooms, LOBBY])
+        return self._sorted if with_lobby else [k for k in self._sorted if k != LOBBY]
 
     def get(self, room: str) -> Room | None:
         return self.rooms.get(room_key(room))
