@@ -524,7 +524,6 @@ class Commands:
             raise domain.BadPayload(f"limit must be an integer from 1 to {ROOM_LIST_MAX}")
         limit = min(limit, ROOM_LIST_MAX)
         mine = session.rooms or set()
-        online = self.delivery.online
         out: list[dict[str, Any]] = []
         # The lobby is listed in its place among the rooms, within the limit.
         keys = self.delivery.rooms.sorted_keys(with_lobby=True)
@@ -533,17 +532,17 @@ class Commands:
             if key == LOBBY:
                 out.append(self._lobby_entry())
                 continue
-            room = self.delivery.rooms.rooms[key]
-            out.append(
-                {
-                    "room": room.name,
-                    "topic": room.topic,
-                    "members": len(room.members),
-                    "online": sum(1 for m in room.members if m in online),
-                    "member": key in mine,
-                }
-            )
+            out.append({**self._room_entry(self.delivery.rooms.rooms[key]), "member": key in mine})
         return {"rooms": out, "more": index + limit < len(keys)}
+
+    def _room_entry(self, room: Room) -> dict[str, Any]:
+        online = self.delivery.online
+        return {
+            "room": room.name,
+            "topic": room.topic,
+            "members": len(room.members),
+            "online": sum(1 for m in room.members if m in online),
+        }
 
     def _lobby_entry(self) -> dict[str, Any]:
         online = len(self.delivery.online)
@@ -649,17 +648,7 @@ class Commands:
         for room in rooms:
             scope = room_scope(room.name)
             read[scope] = markers.get(scope, room.members.get(name, 0))
-            entries.append(
-                (
-                    scope,
-                    {
-                        "room": room.name,
-                        "topic": room.topic,
-                        "members": len(room.members),
-                        "online": sum(1 for m in room.members if m in online),
-                    },
-                )
-            )
+            entries.append((scope, self._room_entry(room)))
         private: list[tuple[str, dict[str, Any]]] = []
         for peer, _last in peers:
             scope = private_scope(name, peer)

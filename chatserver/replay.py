@@ -271,7 +271,7 @@ TEXT_HIDDEN = (UserLoggedIn.type, ConversationRead.type)
 
 
 def _types(value: str) -> list[str]:
-    names = []
+    names: list[str] = []
     for part in value.split(","):
         group = _TYPE_NAMES.get(part.strip().lower())
         if group is None:
