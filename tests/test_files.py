@@ -534,3 +534,18 @@ async def test_a_token_in_a_url_stays_out_of_the_access_log(
         await ann.client.disconnect()
     finally:
         await runner.cleanup()
+
+
+def test_settings_from_the_environment_and_their_checks() -> None:
+    from chatserver.check import validate
+    from chatserver.config import Settings
+
+    defaults = Settings.from_env({})
+    assert defaults.data_dir == Path("data")
+    assert (defaults.upload_max_bytes, defaults.upload_bytes_per_hour) == (25 * 1024 * 1024, 200 * 1024 * 1024)
+    assert (defaults.files_per_message, defaults.upload_token_ttl, defaults.upload_unposted_ttl) == (10, 600, 3600)
+    env = {"CHAT_DATA_DIR": "/srv/files", "CHAT_UPLOAD_MAX_BYTES": "5", "CHAT_UPLOAD_UNPOSTED_TTL": "0"}
+    settings = Settings.from_env(env)
+    assert settings.data_dir == Path("/srv/files") and settings.upload_max_bytes == 5
+    problems, _ = validate(settings)
+    assert "CHAT_UPLOAD_UNPOSTED_TTL must be positive, got 0.0" in problems
