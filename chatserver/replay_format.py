@@ -181,6 +181,14 @@ class TextRenderer:
             text = text.replace("\n", indent)
         return f"{head}{where}{self._paint(_BOLD, who)} {text}\n"
 
+    def _files(self, head: str, where: str, payload: Any) -> str:
+        """A line per attached file: its name and size (the bytes are in the
+        blob store, not the log)."""
+        return "".join(
+            head + self._paint(_OTHER, f"{where}  [file] {_name(f['name'])} ({_size(f['size'])})") + "\n"
+            for f in payload.get("attachments", ())
+        )
+
     def line(self, row: ReplayRow) -> str:
         type_, time, payload = row[2], row[3], row[4]
         stamp = f"{time[:10]} {time[11:19]}Z"
@@ -189,10 +197,11 @@ class TextRenderer:
             room = payload.get("room")
             where = "" if room in (None, "", LOBBY) else f"[{_name(room)}] "
             if type_ == MessagePosted.type:
-                return self._said(head, stamp, where, f"<{_name(payload['sender'])}>", payload["message"])
+                who = f"<{_name(payload['sender'])}>"
+                return self._said(head, stamp, where, who, payload["message"]) + self._files(head, where, payload)
             if type_ == PrivateMessageSent.type:
                 who = f"<{_name(payload['sender'])} -> {_name(payload['recipient'])}>"
-                return self._said(head, stamp, "", who, payload["message"])
+                return self._said(head, stamp, "", who, payload["message"]) + self._files(head, "", payload)
             if type_ in (UserJoined.type, RoomJoined.type):
                 return head + self._paint(_JOINED, f"{where}* {_name(payload['name'])} joined") + "\n"
             if type_ in (UserLeft.type, RoomLeft.type):
@@ -216,6 +225,14 @@ class TextRenderer:
             pass  # not the shape this version knows: print it as it is
         raw = orjson.dumps(payload).decode().translate(_NAME_TABLE)
         return head + self._paint(_OTHER, f"* {_name(type_)} {raw}") + "\n"
+
+
+def _size(value: Any) -> str:
+    size = int(value)
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def _name(value: Any) -> str:

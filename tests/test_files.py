@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from PIL import Image
 
@@ -175,6 +176,19 @@ async def test_upload_post_receive_download_and_thumbnail(
     assert [i.get("attachments") for i in history if i["kind"] == "chat"] == [[up], None]
     for c in (ann.client, bob.client, late):
         await c.disconnect()
+
+    # chat-replay: a line per file with its name and size; jsonl keeps them whole.
+    from tests.test_replay import replay
+
+    text = replay(db_url, "--type", "chat")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.endswith("<ann> "))
+    assert lines[at + 1].endswith(f"  [file] red.png ({len(image) / 1024:.1f} KiB)"), lines
+    assert lines[at + 2].endswith("<ann> just text")
+    jsonl = replay(db_url, "--type", "chat", "--format", "jsonl")
+    rows = [orjson.loads(line) for line in jsonl.stdout.splitlines()]
+    assert rows[-2]["payload"]["attachments"][0]["name"] == "red.png"
 
 
 async def test_who_may_fetch(srv: InProcessServer, http: aiohttp.ClientSession) -> None:
