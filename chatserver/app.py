@@ -7,6 +7,7 @@ app starts, closed (pending appends committed first) when it stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -25,6 +26,8 @@ from .origins import OriginPolicy
 from .service import ChatService
 from .sockets import SocketHandlers
 from .store import EventStore
+from .blobs import LocalBlobStore
+from .uploads import UPLOADS_KEY, Uploads, setup_upload_routes
 from .web import setup_routes
 from .writer import EventWriter, OnCommit
 
@@ -71,6 +74,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[SIO] = sio
     sio.attach(app)
     _setup_operations(app, settings, sio)
+    setup_upload_routes(app)
     setup_routes(app, settings)  # last: it ends with the index fallback
     app.cleanup_ctx.append(_chat_ctx)
     app.on_shutdown.append(_close_connections)
@@ -118,6 +122,26 @@ def _counted_writer(lag: DispatchLag, *args: Any, on_commit: OnCommit | None = N
     return EventWriter(*args, on_commit=committed, **kwargs)
 
 
+def _uploads(settings: Settings, store: EventStore, service: ChatService) -> Uploads:
+    delivery = service.delivery
+
+    def session_of(name: str) -> str | None:
+        user = delivery.online.get(name)
+        return user.session if user is not None else None
+
+    def may_see(name: str, scope: str) -> bool:
+        # What the live views say now: a room's current members, the two
+        # parties of a private conversation (see events.scope_of).
+        kind, _, rest = scope.partition(":")
+        if kind == "room":
+            return delivery.rooms.is_member(name, rest)
+        if kind == "dm":
+            return name in rest.split("\t")
+        return False
+
+    return Uploads(settings, store.engine, LocalBlobStore(settings.data_dir), session_of, may_see)
+
+
 async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     sio = app[SIO]
@@ -132,10 +156,19 @@ async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
         app[LAG].applied = lambda: service.delivery.applied
         await service.start(writer_engine)
         SocketHandlers(settings, service.commands).register(sio)
+        uploads = _uploads(settings, store, service)
+        service.commands.uploads = uploads
+        app[UPLOADS_KEY] = uploads
         app[STORE] = store
         app[SERVICE] = service
         app[WRITER_ENGINE] = writer_engine
-        yield
+        cleanup = asyncio.create_task(uploads.run_cleanup(), name="upload cleanup")
+        try:
+            yield
+        finally:
+            cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cleanup
         await service.stop()
     finally:
         await writer_engine.dispose()

@@ -48,6 +48,7 @@ from .events import (
 from .rooms import Room, conversations_table, read_markers_table
 from .lifecycle import Drop, Effect, Leave, Session, Sessions, State
 from .store import ConcurrencyError, EventStore, StreamHead, UnencodableEvent
+from .uploads import Uploads
 from .writer import EventWriter, WriterClosed
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class Commands:
         # Reaps the process holding a session if its lease expired (several
         # processes on one log); True if it did.
         self.reap_owner: Callable[[str], Awaitable[bool]] | None = None
+        # Images and files (set by the app when it has a data folder).
+        self.uploads: Uploads | None = None
 
     # -- the log as this process knows it ----------------------------------------
     def note_heads(self, stored: list[StoredEvent]) -> None:
@@ -326,19 +329,29 @@ class Commands:
         self, sid: str, raw_message: object, raw_id: object = None, options: dict[str, object] | None = None
     ) -> StoredEvent:
         session = self.sessions.active(sid)
-        message = domain.check_message(raw_message, max_chars=self.settings.max_message_chars)
+        options = options or {}
+        ids = domain.check_attachment_ids(options.get("attachments"), max_files=self.settings.files_per_message)
+        message = domain.check_chat_text(raw_message, max_chars=self.settings.max_message_chars, with_files=bool(ids))
         client_id = domain.check_client_id(raw_id)
-        target = domain.check_target(options or {}, room_name_max=self.settings.room_name_max)
+        target = domain.check_target(options, room_name_max=self.settings.room_name_max)
         if target.room is not None or target.to is not None:
             # Its membership is known once its login is delivered (at once,
             # but for a chat racing its own welcome).
             await self._delivered(session)
         command_id = f"{session.name}/{client_id}" if client_id is not None else new_command_id()
+        attachments: tuple[dict[str, Any], ...] = ()
+        if ids:
+            if self.uploads is None:
+                raise domain.BadAttachment("this server takes no files")
+            attachments = await self.uploads.for_posting(session.name, ids, command_id)
+            self._still_active(session)
         # No await from here to submit: the order of a socket's chats is the
         # order of their submission, whatever task runs each handler.
         if target.room is not None:
             room = self._member_room(session, target.room)
-            new = domain.decide_room_chat(session.name, session.version + 1, room.name, message, command_id=command_id)
+            new = domain.decide_room_chat(
+                session.name, session.version + 1, room.name, message, command_id=command_id, attachments=attachments
+            )
         elif target.to is not None:
             new = domain.decide_private_message(
                 session.name,
@@ -347,11 +360,31 @@ class Commands:
                 message,
                 known=user_stream(target.to) in self.heads,
                 command_id=command_id,
+                attachments=attachments,
             )
         else:
-            new = domain.decide_chat(session.name, session.version + 1, message, command_id=command_id)
+            new = domain.decide_chat(
+                session.name, session.version + 1, message, command_id=command_id, attachments=attachments
+            )
+        if not ids:
+            session.next_version()
+            return (await self._submit(session, [new], "chat"))[0]
+        assert self.uploads is not None
+        self.uploads.hold(ids, command_id)
         session.next_version()
-        return (await self._submit(session, [new], "chat"))[0]
+        try:
+            return (await self._submit(session, [new], "chat"))[0]
+        finally:
+            self.uploads.release(ids)
+
+    async def upload_token(self, sid: str) -> dict[str, Any]:
+        """A token for the HTTP file routes, good while this session lasts."""
+        session = await self._room_session(sid)
+        if self.uploads is None:
+            raise domain.ServerFailed("this server takes no files")
+        token = await self.uploads.issue_token(session.name, session.id)
+        self._still_active(session)
+        return token
 
     async def _submit(self, session: Session, new: list[NewEvent], what: str) -> list[StoredEvent]:
         """Submit a session's events (versions already counted) and wait for

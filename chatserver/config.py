@@ -124,6 +124,17 @@ class Settings:
     log_level: str = "INFO"
     metrics: str = "on"
     shutdown_timeout: float = 10.0
+    # Images and files (see README, Images and files).
+    data_dir: Path = Path("data")  # blobs and uploads in progress
+    upload_max_bytes: int = 25 * 1024 * 1024  # one file
+    upload_bytes_per_hour: int = 200 * 1024 * 1024  # one user, any number of files
+    files_per_message: int = 10
+    upload_token_ttl: int = 600  # seconds an upload token lives at most
+    # Seconds an upload may wait to be posted before it is removed.
+    upload_unposted_ttl: float = 3600.0
+    # Largest image (width x height) the server decodes for a thumbnail;
+    # a larger one is refused (a decompression bomb, or near enough).
+    upload_max_pixels: int = 40_000_000
 
     @property
     def node_name(self) -> str:
@@ -183,4 +194,11 @@ class Settings:
             log_level=(env.get("CHAT_LOG_LEVEL") or defaults.log_level).upper(),
             metrics=env.get("CHAT_METRICS") or defaults.metrics,
             shutdown_timeout=_float(env, "CHAT_SHUTDOWN_TIMEOUT", defaults.shutdown_timeout),
+            data_dir=Path(env.get("CHAT_DATA_DIR") or defaults.data_dir),
+            upload_max_bytes=_int(env, "CHAT_UPLOAD_MAX_BYTES", defaults.upload_max_bytes),
+            upload_bytes_per_hour=_int(env, "CHAT_UPLOAD_BYTES_PER_HOUR", defaults.upload_bytes_per_hour),
+            files_per_message=_int(env, "CHAT_FILES_PER_MESSAGE", defaults.files_per_message),
+            upload_token_ttl=_int(env, "CHAT_UPLOAD_TOKEN_TTL", defaults.upload_token_ttl),
+            upload_unposted_ttl=_float(env, "CHAT_UPLOAD_UNPOSTED_TTL", defaults.upload_unposted_ttl),
+            upload_max_pixels=_int(env, "CHAT_UPLOAD_MAX_PIXELS", defaults.upload_max_pixels),
         )

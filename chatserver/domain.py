@@ -119,6 +119,14 @@ class CannotLeaveLobby(DomainError):
     code = "cannot_leave_lobby"
 
 
+class BadAttachment(DomainError):
+    code = "bad_attachment"
+
+
+class TooManyAttachments(DomainError):
+    code = "too_many_attachments"
+
+
 class ResumeRefused(DomainError):
     """A resume token that is unknown, superseded, expired or malformed."""
 
@@ -369,8 +377,51 @@ def check_client_id(value: object) -> str | None:
     return value
 
 
-def decide_chat(sender: str, version: int, message: str, *, command_id: str | None = None) -> NewEvent:
-    return NewEvent(user_stream(sender), version, MessagePosted(sender=sender, message=message), command_id)
+# Upload ids are secrets.token_urlsafe(18): 24 URL-safe base64 characters.
+_UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def check_attachment_ids(value: object, *, max_files: int) -> tuple[str, ...]:
+    """The ``attachments`` of a chat: a list of distinct upload ids, at most
+    ``max_files``. Whether each may be posted is the uploads' business."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadPayload("attachments must be a list of upload ids")
+    if len(value) > max_files:
+        raise TooManyAttachments(f"a message may carry at most {max_files} files")
+    for item in value:
+        if not isinstance(item, str) or not _UPLOAD_ID.fullmatch(item):
+            raise BadAttachment("an attachment must be the id of an upload")
+    if len(set(value)) != len(value):
+        raise BadAttachment("an upload can be attached once")
+    return tuple(value)
+
+
+def check_chat_text(value: object, *, max_chars: int, with_files: bool) -> str:
+    """A chat's text; with files it may be empty (a bare file is a message)."""
+    try:
+        return check_message(value, max_chars=max_chars)
+    except MessageEmpty:
+        if with_files:
+            return ""
+        raise
+
+
+def decide_chat(
+    sender: str,
+    version: int,
+    message: str,
+    *,
+    command_id: str | None = None,
+    attachments: tuple[dict[str, object], ...] = (),
+) -> NewEvent:
+    return NewEvent(
+        user_stream(sender),
+        version,
+        MessagePosted(sender=sender, message=message, attachments=attachments),
+        command_id,
+    )
 
 
 def decide_leave(name: str, version: int, reason: str = LEFT_DISCONNECTED, *, command_id: str | None = None) -> NewEvent:
@@ -475,12 +526,32 @@ def decide_leave_room(name: str, version: int, room: str, *, command_id: str | N
     return NewEvent(user_stream(name), version, RoomLeft(name=name, room=room), command_id)
 
 
-def decide_room_chat(sender: str, version: int, room: str, message: str, *, command_id: str | None = None) -> NewEvent:
-    return NewEvent(user_stream(sender), version, MessagePosted(sender=sender, message=message, room=room), command_id)
+def decide_room_chat(
+    sender: str,
+    version: int,
+    room: str,
+    message: str,
+    *,
+    command_id: str | None = None,
+    attachments: tuple[dict[str, object], ...] = (),
+) -> NewEvent:
+    return NewEvent(
+        user_stream(sender),
+        version,
+        MessagePosted(sender=sender, message=message, room=room, attachments=attachments),
+        command_id,
+    )
 
 
 def decide_private_message(
-    sender: str, version: int, recipient: str, message: str, *, known: bool, command_id: str | None = None
+    sender: str,
+    version: int,
+    recipient: str,
+    message: str,
+    *,
+    known: bool,
+    command_id: str | None = None,
+    attachments: tuple[dict[str, object], ...] = (),
 ) -> NewEvent:
     if not known:
         raise NoSuchUser(f"no user named {recipient} has ever logged in")
@@ -489,7 +560,7 @@ def decide_private_message(
     return NewEvent(
         user_stream(sender),
         version,
-        PrivateMessageSent(sender=sender, recipient=recipient, message=message),
+        PrivateMessageSent(sender=sender, recipient=recipient, message=message, attachments=attachments),
         command_id,
     )
 

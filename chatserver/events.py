@@ -43,6 +43,10 @@ class MessagePosted:
     sender: str
     message: str
     room: str = LOBBY
+    # Files shared with the message: ``{id, name, size, type, sha256, width?,
+    # height?, thumb}`` each (see uploads.py). Left out of the payload when
+    # empty, so a text chat is stored exactly as before files existed.
+    attachments: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,7 @@ class PrivateMessageSent:
     sender: str
     recipient: str
     message: str
+    attachments: tuple[dict[str, Any], ...] = ()  # as MessagePosted's
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +219,24 @@ _FIELDS: dict[type, tuple[str, ...]] = {
 }
 
 
+# Fields stored only when they hold something: events from before they
+# existed, and events that do not use them, keep their old payloads.
+_OMITTED_WHEN_EMPTY = frozenset({"attachments"})
+
+
 def to_payload(event: DomainEvent) -> dict[str, Any]:
-    return {name: getattr(event, name) for name in _FIELDS[type(event)]}
+    payload = {name: getattr(event, name) for name in _FIELDS[type(event)]}
+    for name in _OMITTED_WHEN_EMPTY.intersection(payload):
+        if not payload[name]:
+            del payload[name]
+        else:
+            payload[name] = list(payload[name])
+    return payload
 
 
 def from_payload(type_: str, payload: dict[str, Any]) -> DomainEvent:
+    if "attachments" in payload:
+        payload = {**payload, "attachments": tuple(payload["attachments"])}
     return EVENT_TYPES[type_](**payload)
 
 

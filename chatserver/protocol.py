@@ -46,6 +46,7 @@ LEAVE_ROOM = "leaveRoom"
 LIST_ROOMS = "listRooms"
 ROOM_MEMBERS = "roomMembers"
 MARK_READ = "markRead"
+UPLOAD_TOKEN = "uploadToken"
 # CONVERSATIONS is also a client request (answered by ack).
 
 # server -> client (extensions)
@@ -73,15 +74,34 @@ def iso_time(stored: StoredEvent) -> str:
     return stored.recorded_at.isoformat().replace("+00:00", "Z")
 
 
+# What a client is told of a file: the content hash stays in the log (the
+# blob store's key), not on the wire.
+_WIRE_ATTACHMENT = ("id", "name", "size", "type", "width", "height", "thumb")
+
+
+def attachments_payload(attachments: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    return [{k: a[k] for k in _WIRE_ATTACHMENT if k in a} for a in attachments]
+
+
+def _with_attachments(payload: dict[str, Any], event: MessagePosted | PrivateMessageSent) -> dict[str, Any]:
+    # Only when there are some: a text chat's payload is the seed's.
+    if event.attachments:
+        payload["attachments"] = attachments_payload(event.attachments)
+    return payload
+
+
 def chat_payload(stored: StoredEvent) -> dict[str, Any]:
     event = stored.event
     assert isinstance(event, MessagePosted)
-    return {
-        "sender": event.sender,
-        "message": event.message,
-        "position": stored.position,
-        "time": iso_time(stored),
-    }
+    return _with_attachments(
+        {
+            "sender": event.sender,
+            "message": event.message,
+            "position": stored.position,
+            "time": iso_time(stored),
+        },
+        event,
+    )
 
 
 def welcome_payload(stored: StoredEvent, token: str | None = None) -> dict[str, Any]:
@@ -104,6 +124,7 @@ def history_item(stored: StoredEvent) -> dict[str, Any]:
         item.update(kind="chat", sender=event.sender, message=event.message)
         if event.room != LOBBY:
             item["room"] = event.room
+        _with_attachments(item, event)
     elif isinstance(event, UserJoined):
         item.update(kind="join", name=event.name)
     elif isinstance(event, UserLeft):
@@ -116,6 +137,7 @@ def history_item(stored: StoredEvent) -> dict[str, Any]:
         item.update(kind="created", name=event.creator, room=event.room, topic=event.topic)
     elif isinstance(event, PrivateMessageSent):
         item.update(kind="private", sender=event.sender, recipient=event.recipient, message=event.message)
+        _with_attachments(item, event)
     return item
 
 
@@ -158,12 +180,15 @@ def live_packet(stored: StoredEvent) -> tuple[str, Any] | None:
             return ROOM_CHAT, {"room": event.room, **chat_payload(stored)}
         return CHAT, chat_payload(stored)
     if isinstance(event, PrivateMessageSent):
-        return PRIVATE_MESSAGE, {
-            "sender": event.sender,
-            "recipient": event.recipient,
-            "message": event.message,
-            **event_meta(stored),
-        }
+        return PRIVATE_MESSAGE, _with_attachments(
+            {
+                "sender": event.sender,
+                "recipient": event.recipient,
+                "message": event.message,
+                **event_meta(stored),
+            },
+            event,
+        )
     if isinstance(event, RoomJoined):
         return ROOM_JOINED, {"room": event.room, "name": event.name, **event_meta(stored)}
     if isinstance(event, RoomLeft):

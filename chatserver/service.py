@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import logsignal, projections, rooms
+from . import logsignal, projections, rooms, uploads
 from .commands import Commands, new_command_id
 from .config import Settings
 from .delivery import Delivery, Publisher
@@ -62,7 +62,7 @@ class ChatService:
         # A PostgreSQL log may be shared by several processes: each append
         # signals the new head, and each process follows the log.
         shared = store.engine.dialect.name == "postgresql"
-        in_transaction = [projections.save, *([logsignal.notifier(self._lease_id)] if shared else [])]
+        in_transaction = [projections.save, uploads.mark_posted, *([logsignal.notifier(self._lease_id)] if shared else [])]
         self.writer = writer_factory(in_transaction=in_transaction, on_commit=self._committed)
         self.delivery = Delivery(
             settings,

@@ -149,6 +149,7 @@ class SocketHandlers:
         sio.on(protocol.ROOM_MEMBERS, self.on_room_members)
         sio.on(protocol.CONVERSATIONS, self.on_conversations)
         sio.on(protocol.MARK_READ, self.on_mark_read)
+        sio.on(protocol.UPLOAD_TOKEN, self.on_upload_token)
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         self._buckets[sid] = TokenBucket(
@@ -219,7 +220,7 @@ class SocketHandlers:
             elif len(args) == 2 and isinstance(args[1], dict):
                 options = args[1]
             else:
-                raise BadPayload("chat takes the message and optionally {id, room, to}")
+                raise BadPayload("chat takes the message and optionally {id, room, to, attachments}")
             stored = await self._call(
                 sid, protocol.CHAT, lambda: self.service.chat(sid, args[0], options.get("id"), options)
             )
@@ -284,6 +285,14 @@ class SocketHandlers:
             return await self.service.mark_read(sid, self._one(protocol.MARK_READ, args))
 
         return await self._request(sid, protocol.MARK_READ, mark)
+
+    async def on_upload_token(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def token() -> dict[str, Any]:
+            if args and args[0] is not None:
+                raise BadPayload("uploadToken takes no arguments")
+            return await self.service.upload_token(sid)
+
+        return await self._request(sid, protocol.UPLOAD_TOKEN, token)
 
     @staticmethod
     def _one(event: str, args: tuple[Any, ...], *, optional: bool = False) -> Any:
