@@ -164,9 +164,12 @@
       this.set({ state: 'failed', error: message });
     },
 
+    // Uploaded: shown from now on under the name others will see (the
+    // server may have cleaned it).
     ready: function (answer) {
       this.abort = null;
-      this.set({ state: 'ready', error: '', loaded: this.get('size'), upload: answer });
+      var name = typeof answer.name === 'string' && answer.name ? answer.name : this.get('name');
+      this.set({ state: 'ready', error: '', loaded: this.get('size'), upload: answer, name: name });
     },
 
     // Stop it if it still runs and free the preview.

@@ -13,7 +13,7 @@
     },
 
     initialize: function () {
-      this.listenTo(this.model, 'change:state change:error', this.render);
+      this.listenTo(this.model, 'change:state change:error change:name', this.render);
       this.listenTo(this.model, 'change:loaded', this.progress);
     },
 
