@@ -898,7 +898,10 @@ HTML_IMAGE_NAME = "<b onmouseover=window.__xss=6>look<b>.png"
 
 
 def test_file_names_with_html_are_text(new_page: PageFactory) -> None:
-    ann, bob = in_lobby(new_page, "ann", "bob")
+    ann = new_page()
+    login(ann, "ann")
+    bob = new_page(viewport={"width": 360, "height": 640})  # narrow: long names wrap
+    login(bob, "bob")
     attach(ann, file_payload(HTML_FILE_NAME, NOTES, "text/plain"), file_payload(HTML_IMAGE_NAME, PICTURE, "image/png"))
     expect_tray_ready(ann, 2)
     assert [row[0] for row in tray(ann)] == [HTML_FILE_NAME, HTML_IMAGE_NAME]
@@ -910,6 +913,10 @@ def test_file_names_with_html_are_text(new_page: PageFactory) -> None:
         assert page.locator("#container img").count() == 1
         assert page.locator("#container img.att-thumb").get_attribute("alt") == HTML_IMAGE_NAME
         assert page.locator("#container b, #container i").count() == 0
+        assert page.eval_on_selector("#chatScroll", "s => s.scrollWidth <= s.clientWidth")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    ARTIFACTS.mkdir(exist_ok=True)
+    bob.screenshot(path=str(ARTIFACTS / "files-narrow.png"))
     bob.locator("#chatList img.att-thumb").click()
     expect(bob.locator(".lightbox .lightbox-name")).to_have_text(HTML_IMAGE_NAME)
     assert bob.locator(".lightbox b").count() == 0
@@ -920,7 +927,7 @@ def test_file_names_with_html_are_text(new_page: PageFactory) -> None:
 
 
 def test_upload_progress_bar_and_refused_uploads(new_page: PageFactory, servers: Servers) -> None:
-    server = servers.start(CHAT_UPLOAD_MAX_BYTES=str(2 * 1024 * 1024))
+    server = servers.start(CHAT_UPLOAD_MAX_BYTES=str(2 * 1024 * 1024), CHAT_FILES_PER_MESSAGE="1")
     page = new_page(server)
     login(page, "slow")
     # Record every value the progress bar shows.
@@ -966,6 +973,19 @@ def test_upload_progress_bar_and_refused_uploads(new_page: PageFactory, servers:
     failed.locator("[data-action=remove-upload]").click()
     expect(page.locator("#uploadTray li")).to_have_count(0)
     expect(page.locator("#uploadTray")).to_be_hidden()
+
+    # More files than the server takes in one message: refused, and the
+    # text and files are given back to send again.
+    attach(page, file_payload("one.txt", NOTES, "text/plain"), file_payload("two.txt", NOTES, "text/plain"))
+    expect_tray_ready(page, 2)
+    send(page, "both")
+    expect(page.locator("#chatError")).to_have_text("Too many files in one message: remove some.")
+    expect_tray_ready(page, 2)
+    expect(page.locator("#chatInput")).to_have_value("both")
+    page.locator("#uploadTray li.upload").filter(has_text="two.txt").locator("[data-action=remove-upload]").click()
+    page.press("#chatInput", "Enter")
+    expect_file_chat(page, "slow", "both", [["file", "one.txt", "1.5 KiB"]])
+    expect(page.locator("#uploadTray li")).to_have_count(0)
 
 
 def test_after_reconnecting_files_load_and_upload_with_the_new_sessions_token(new_page: PageFactory) -> None:

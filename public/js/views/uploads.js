@@ -30,6 +30,7 @@
       var bar = this.$('.progress');
       bar.attr('aria-valuenow', percent);
       bar.find('.progress-bar').css('width', percent + '%');
+      this.$('.upload-percent').text(percent + '%');
     },
 
     dismiss: function () {
