@@ -17,7 +17,7 @@ ENV UV_COMPILE_BYTECODE=1 \
     PATH=/app/.venv/bin:$PATH
 RUN pip install --no-cache-dir "uv>=0.5,<1" \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin chat \
-    && mkdir -p /data && chown chat /data
+    && mkdir -p /data/files && chown -R chat /data
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-install-project
@@ -33,6 +33,7 @@ VOLUME /data
 ENV HOST=0.0.0.0 \
     PORT=8080 \
     CHAT_DATABASE_URL=sqlite+aiosqlite:////data/chat.db \
+    CHAT_DATA_DIR=/data/files \
     CHAT_LOG_FORMAT=json
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \

@@ -61,6 +61,12 @@ def validate(settings: Settings) -> tuple[list[str], list[str]]:
         "CHAT_RECONCILE_INTERVAL": s.reconcile_interval,
         "CHAT_MAX_BATCH": s.max_batch,
         "CHAT_SHUTDOWN_TIMEOUT": s.shutdown_timeout,
+        "CHAT_UPLOAD_MAX_BYTES": s.upload_max_bytes,
+        "CHAT_UPLOAD_BYTES_PER_HOUR": s.upload_bytes_per_hour,
+        "CHAT_FILES_PER_MESSAGE": s.files_per_message,
+        "CHAT_UPLOAD_TOKEN_TTL": s.upload_token_ttl,
+        "CHAT_UPLOAD_UNPOSTED_TTL": s.upload_unposted_ttl,
+        "CHAT_UPLOAD_MAX_PIXELS": s.upload_max_pixels,
     }
     for key, value in positive.items():
         if not value > 0:

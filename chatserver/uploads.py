@@ -185,12 +185,16 @@ def inspect_image(path: Path, max_pixels: int) -> ImageInfo | None:
         return None
 
 
-def _error(status: type[web.HTTPException], code: str, message: str, **headers: str) -> web.HTTPException:
-    return status(
-        text=json.dumps({"error": code, "message": message}),
-        content_type="application/json",
-        headers=headers or None,
-    )
+class ApiError(web.HTTPException):
+    """A refusal with the JSON body ``{error, message}`` the API answers."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        self.status_code = status
+        super().__init__(text=json.dumps({"error": code, "message": message}), content_type="application/json", headers=headers)
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> web.HTTPException:
+    return ApiError(status, code, message, headers or None)
 
 
 def content_disposition(kind: str, name: str) -> str:
@@ -245,12 +249,12 @@ class Uploads:
         match = _BEARER.fullmatch(header.strip()) if header else None
         token = match.group(1) if match else request.query.get("token", "")
         if not token or len(token) > 200:
-            raise _error(web.HTTPUnauthorized, "unauthorized", "an upload token is needed (uploadToken)")
+            raise _error(401, "unauthorized", "an upload token is needed (uploadToken)")
         t = upload_tokens_table
         async with self.engine.connect() as conn:
             row = (await conn.execute(sa.select(t).where(t.c.token_hash == hash_token(token)))).first()
         if row is None or row.expires < time.time() or self.session_of(row.name) != row.session:
-            raise _error(web.HTTPUnauthorized, "unauthorized", "the upload token is unknown, expired or its session ended")
+            raise _error(401, "unauthorized", "the upload token is unknown, expired or its session ended")
         return row.name
 
     # -- upload --------------------------------------------------------------------
@@ -271,7 +275,7 @@ class Uploads:
 
     def _rate_limited(self, retry_after: float) -> web.HTTPException:
         return _error(
-            web.HTTPTooManyRequests,
+            429,
             "rate_limited",
             f"at most {self.settings.upload_bytes_per_hour} bytes an hour",
             **{"Retry-After": str(max(1, math.ceil(retry_after)))},
@@ -281,9 +285,9 @@ class Uploads:
         name = await self.authenticate(request)
         limit = self.settings.upload_max_bytes
         if request.content_type != "multipart/form-data":
-            raise _error(web.HTTPBadRequest, "bad_request", "send multipart/form-data with one part named file")
+            raise _error(400, "bad_request", "send multipart/form-data with one part named file")
         if request.content_length is not None and request.content_length > limit + MULTIPART_SLACK:
-            raise _error(web.HTTPRequestEntityTooLarge, "too_large", f"a file may have at most {limit} bytes")
+            raise _error(413, "too_large", f"a file may have at most {limit} bytes")
         used, retry_after = await self._usage(name)
         budget = self.settings.upload_bytes_per_hour - used
         if budget <= 0:
@@ -292,14 +296,14 @@ class Uploads:
             reader = await request.multipart()
             part = await reader.next()
         except (ValueError, AssertionError) as exc:
-            raise _error(web.HTTPBadRequest, "bad_request", f"not a multipart body: {exc}") from None
+            raise _error(400, "bad_request", f"not a multipart body: {exc}") from None
         if not isinstance(part, BodyPartReader) or part.name != "file" or part.filename is None:
-            raise _error(web.HTTPBadRequest, "bad_request", "send one part named file, with a filename")
+            raise _error(400, "bad_request", "send one part named file, with a filename")
         staged = self.blobs.staging_file()
         try:
             sha, size, sample = await self._receive(part, staged, name, min(limit, budget), limit, retry_after)
             if await reader.next() is not None:
-                raise _error(web.HTTPBadRequest, "bad_request", "send one part only")
+                raise _error(400, "bad_request", "send one part only")
             return web.json_response(await self._finish(name, clean_name(part.filename), staged, sha, size, sample), status=201)
         finally:
             # Whatever happened (a refusal, a dropped connection), nothing
@@ -319,7 +323,7 @@ class Uploads:
                     size += len(chunk)
                     self._receiving[name] = self._receiving.get(name, 0) + len(chunk)
                     if size > limit:
-                        raise _error(web.HTTPRequestEntityTooLarge, "too_large", f"a file may have at most {limit} bytes")
+                        raise _error(413, "too_large", f"a file may have at most {limit} bytes")
                     if size > allowed:
                         raise self._rate_limited(retry_after)
                     hasher.update(chunk)
@@ -382,7 +386,7 @@ class Uploads:
             return await asyncio.to_thread(inspect_image, staged, self.settings.upload_max_pixels)
         except TooManyPixels as exc:
             raise _error(
-                web.HTTPRequestEntityTooLarge,
+                413,
                 "too_many_pixels",
                 f"an image may have at most {self.settings.upload_max_pixels} pixels ({exc})",
             ) from None
@@ -404,7 +408,8 @@ class Uploads:
         t = uploads_table
         async with self.engine.connect() as conn:
             rows = {r.id: r for r in await conn.execute(sa.select(t).where(t.c.id.in_(ids)))}
-        fresh_after = time.time() - self.settings.upload_unposted_ttl + POST_MARGIN
+        ttl = self.settings.upload_unposted_ttl
+        fresh_after = time.time() - ttl + min(POST_MARGIN, ttl / 4)
         out = []
         for upload_id in ids:
             row = rows.get(upload_id)
@@ -440,20 +445,20 @@ class Uploads:
             async with self.engine.connect() as conn:
                 row = (await conn.execute(sa.select(t).where(t.c.id == upload_id))).first()
         if row is None:
-            raise _error(web.HTTPNotFound, "not_found", "no such file")
+            raise _error(404, "not_found", "no such file")
         if row.posted_position is None:
             allowed = row.owner == name
         else:
             allowed = row.scope == LOBBY_SCOPE or self.may_see(name, row.scope)
         if not allowed:
-            raise _error(web.HTTPForbidden, "forbidden", "this file was not shared with you")
+            raise _error(403, "forbidden", "this file was not shared with you")
         return row
 
     def _serve(self, sha: str, mime: str, disposition: str) -> web.StreamResponse:
         path = self.blobs.local_path(sha)
         if path is None:
             log.warning("blob %s is missing from the store", sha)
-            raise _error(web.HTTPNotFound, "not_found", "the file's contents are missing")
+            raise _error(404, "not_found", "the file's contents are missing")
         headers = {
             "Content-Type": f"{mime}; charset=utf-8" if mime.startswith("text/") else mime,
             "X-Content-Type-Options": "nosniff",
@@ -474,7 +479,7 @@ class Uploads:
     async def thumbnail(self, request: web.Request) -> web.StreamResponse:
         row = await self._authorized(request)
         if row.thumb_sha256 is None:
-            raise _error(web.HTTPNotFound, "not_found", "this file has no thumbnail")
+            raise _error(404, "not_found", "this file has no thumbnail")
         return self._serve(row.thumb_sha256, row.thumb_type, content_disposition("inline", f"thumb-{row.name}"))
 
     # -- cleanup ---------------------------------------------------------------------

@@ -81,4 +81,22 @@ class AccessLogger(web.AccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if request.path in QUIET_PATHS:  # the Engine.IO endpoint, not the client's .js; probes
             return
+        if "token" in request.query:
+            # An upload token in a file's URL (an <img src>) is a credential:
+            # it stays out of the log.
+            request = _TokenRedacted(request)  # type: ignore[assignment]
         super().log(request, response, time)
+
+
+class _TokenRedacted:
+    """A request as the access log sees it, its ``token`` parameter hidden."""
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._request = request
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._request, name)
+
+    @property
+    def path_qs(self) -> str:
+        return str(self._request.rel_url.update_query(token="redacted"))
