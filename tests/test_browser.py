@@ -845,6 +845,22 @@ def test_image_attached_in_one_page_shows_as_a_thumbnail_in_another(new_page: Pa
     bob.keyboard.press("Escape")
     expect(bob.locator(".lightbox")).to_have_count(0)
 
+    # A picture pasted into the input (a screenshot) is attached too.
+    bob.evaluate(
+        """async data => {
+            const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+            const clipboard = new DataTransfer();
+            clipboard.items.add(new File([bytes], 'image.png', {type: 'image/png'}));
+            document.querySelector('#chatInput').dispatchEvent(
+                new ClipboardEvent('paste', {clipboardData: clipboard, bubbles: true, cancelable: true}));
+        }""",
+        base64.b64encode(picture(200, 200)).decode(),
+    )
+    expect_tray_ready(bob, 1)
+    expect(bob.locator("#chatInput")).to_have_value("")
+    send(bob, "pasted")
+    expect_file_chat(alice, "bob", "pasted", [["image", "image.png", size_text(len(picture(200, 200)))]])
+
 
 def test_files_in_a_room_and_a_private_conversation_are_links_with_name_and_size(new_page: PageFactory) -> None:
     ann, bob, cat = in_lobby(new_page, "ann", "bob", "cat")

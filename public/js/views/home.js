@@ -1,8 +1,8 @@
 /* The logged-in screen: the conversation list, the shown conversation (or
  * the room directory) with its input, and the people beside it: the online
- * users, or a room's members. Files are attached with the attach button or
- * by dropping them on the conversation; they upload at once and go with
- * the next message sent there. */
+ * users, or a room's members. Files are attached with the attach button, by
+ * dropping them on the conversation or pasting them into the input; they
+ * upload at once and go with the next message sent there. */
 (function (ChatApp, Backbone, _) {
   'use strict';
 
@@ -25,6 +25,7 @@
       'click [data-action="leave"]': 'leave',
       'click [data-action="attach"]': 'chooseFiles',
       'change #fileInput': 'filesChosen',
+      'paste #chatInput': 'pasted',
       'dragenter #convPanel': 'dragEnter',
       'dragover #convPanel': 'dragOver',
       'dragleave #convPanel': 'dragLeave',
@@ -230,6 +231,16 @@
         this.vent.trigger('attach', files, this.conversation);
       }
       this.$('#chatInput').trigger('focus');
+    },
+
+    // A picture copied to the clipboard (a screenshot) and pasted into the input.
+    pasted: function (event) {
+      var clipboard = event.originalEvent && event.originalEvent.clipboardData;
+      var files = clipboard ? _.toArray(clipboard.files) : [];
+      if (files.length) {
+        event.preventDefault(); // not its file name as text
+        this.attach(files);
+      }
     },
 
     carriesFiles: function (event) {
