@@ -380,7 +380,7 @@
       }
       _.each(files, function (file) {
         var upload = new models.PendingUpload({ name: file.name || 'file', size: file.size || 0, type: file.type || '' });
-        if (_.contains(['image/jpeg', 'image/png', 'image/gif', 'image/webp'], file.type) && window.URL.createObjectURL) {
+        if (_.contains(models.INLINE_IMAGES, file.type) && window.URL.createObjectURL) {
           upload.preview = window.URL.createObjectURL(file); // this page's own copy, shown while it uploads
         }
         place.uploads.add(upload);

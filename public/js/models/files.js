@@ -213,6 +213,7 @@
     PendingUploads: PendingUploads,
     attachmentsOf: attachmentsOf,
     formatSize: formatSize,
+    INLINE_IMAGES: INLINE_IMAGES,
     isInlineImage: isInlineImage
   });
 })(ChatApp, Backbone, _);
