@@ -224,13 +224,19 @@ _FIELDS: dict[type, tuple[str, ...]] = {
 _OMITTED_WHEN_EMPTY = frozenset({"attachments"})
 
 
+_OMITTABLE: dict[type, tuple[str, ...]] = {
+    cls: tuple(f for f in fields if f in _OMITTED_WHEN_EMPTY) for cls, fields in _FIELDS.items()
+}
+
+
 def to_payload(event: DomainEvent) -> dict[str, Any]:
-    payload = {name: getattr(event, name) for name in _FIELDS[type(event)]}
-    for name in _OMITTED_WHEN_EMPTY.intersection(payload):
-        if not payload[name]:
-            del payload[name]
-        else:
+    cls = type(event)
+    payload = {name: getattr(event, name) for name in _FIELDS[cls]}
+    for name in _OMITTABLE[cls]:
+        if payload[name]:
             payload[name] = list(payload[name])
+        else:
+            del payload[name]
     return payload
 
 

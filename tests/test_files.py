@@ -549,3 +549,34 @@ def test_settings_from_the_environment_and_their_checks() -> None:
     assert settings.data_dir == Path("/srv/files") and settings.upload_max_bytes == 5
     problems, _ = validate(settings)
     assert "CHAT_UPLOAD_UNPOSTED_TTL must be positive, got 0.0" in problems
+
+
+@pytest.mark.postgres
+async def test_two_processes_on_postgres_share_tokens_uploads_and_files(
+    pg_url: str, data_dir: Path, http: aiohttp.ClientSession
+) -> None:
+    """A token from one process works on another, a file uploaded to one is
+    posted through the other, and each serves it (one blob store)."""
+    one = await start(pg_url, data_dir)
+    two = await start(pg_url, data_dir)
+    try:
+        ann, bob = await user(one.url, "ann"), await user(two.url, "bob")
+        # Process two learns of ann's session from the shared log.
+        for _ in range(50):
+            status, up, _ = await upload(http, two.url, ann, png(64, 48), "pic.png", "image/png")
+            if status != 401:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 201 and up["thumb"] is True, up
+        assert (await chat(ann, "from one", attachments=[up["id"]]))["ok"]
+        await bob.client.wait_for(lambda: any(c.get("attachments") for c in bob.client.events("chat")))
+        assert next(c for c in bob.client.events("chat") if c.get("attachments"))["attachments"] == [up]
+        for server, who in ((two, bob), (one, ann)):
+            status, body, headers = await fetch(http, f"{server.url}/files/{up['id']}", who)
+            assert status == 200 and headers["Content-Type"] == "image/png"
+        assert (await chat(ann, "again", attachments=[up["id"]]))["error"] == "bad_attachment"
+        for u in (ann, bob):
+            await u.client.disconnect()
+    finally:
+        await two.stop()
+        await one.stop()
