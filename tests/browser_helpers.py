@@ -3,10 +3,13 @@ sync API, and small actions on the chat page."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from collections.abc import Callable
 from typing import Any
 
+from PIL import Image, ImageDraw
 from playwright.sync_api import Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
@@ -205,4 +208,120 @@ def request(page: Page, event: str, *args: Any) -> Any:
         "([event, args]) => new Promise(resolve =>"
         " ChatApp.controller.chatClient.socket.timeout(5000).emit(event, ...args, (err, ack) => resolve(err ? {timeout: true} : ack)))",
         [event, list(args)],
+    )
+
+
+# -- files and images (issue 14) -------------------------------------------------
+
+
+def picture(width: int, height: int, fmt: str = "PNG") -> bytes:
+    """A picture that shows whether it was scaled or cropped: a diagonal
+    gradient with a frame and a circle, in `fmt` (PNG, JPEG, ...)."""
+    vertical = Image.linear_gradient("L").resize((width, height))
+    horizontal = Image.linear_gradient("L").rotate(90).resize((width, height))
+    image = Image.merge("RGB", (horizontal, vertical, Image.new("L", (width, height), 160)))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, width - 1, height - 1), outline=(20, 20, 120), width=max(2, width // 100))
+    r = min(width, height) // 4
+    draw.ellipse((width // 2 - r, height // 2 - r, width // 2 + r, height // 2 + r), fill=(240, 180, 40))
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def size_text(size: int) -> str:
+    """How the page writes a file size: binary units, one decimal below 10."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit}" if value < 10 else f"{round(value)} {unit}"
+
+
+def file_payload(name: str, data: bytes, mime: str = "application/octet-stream") -> dict[str, Any]:
+    return {"name": name, "mimeType": mime, "buffer": data}
+
+
+def attach(page: Page, *files: dict[str, Any]) -> None:
+    """Choose files with the attach button's file input."""
+    page.set_input_files("#fileInput", list(files))
+
+
+def drop_files(page: Page, *files: dict[str, Any], target: str = "#chatScroll") -> None:
+    """Drag files over the conversation and drop them, as a file manager does."""
+    page.evaluate(
+        """([target, files]) => {
+            const transfer = new DataTransfer();
+            for (const f of files) {
+                const bytes = Uint8Array.from(atob(f.data), c => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], f.name, {type: f.mimeType}));
+            }
+            const el = document.querySelector(target);
+            for (const type of ['dragenter', 'dragover', 'drop']) {
+                el.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: transfer}));
+            }
+        }""",
+        [target, [{"name": f["name"], "mimeType": f["mimeType"], "data": base64.b64encode(f["buffer"]).decode()} for f in files]],
+    )
+
+
+def tray(page: Page) -> list[list[str]]:
+    """The files waiting in the input: [name, size text, state]."""
+    return page.eval_on_selector_all(
+        "#uploadTray li.upload",
+        "els => els.map(el => [el.querySelector('.upload-name').textContent, el.querySelector('.upload-size').textContent,"
+        " el.className.match(/upload-(uploading|ready|failed)/)[1]])",
+    )
+
+
+def expect_tray_ready(page: Page, count: int) -> None:
+    """`count` files wait in the input, all uploaded."""
+    wait_until(
+        page,
+        "n => document.querySelectorAll('#uploadTray li.upload').length === n &&"
+        " document.querySelectorAll('#uploadTray li.upload-ready').length === n",
+        count,
+        lambda: (tray(page), page.inner_text("#uploadTray")),
+    )
+
+
+ATTACHMENTS_JS = """els => els.map(li => [li.querySelector('.sender').textContent, li.querySelector('.message').textContent,
+    [...li.querySelectorAll('.attachment')].map(a => [a.classList.contains('attachment-image') ? 'image' : 'file',
+        a.querySelector('.att-name').textContent, a.querySelector('.att-size').textContent])])"""
+
+
+def file_chats(page: Page) -> list[list[Any]]:
+    """The chat lines with files: [sender, message, [[image|file, name, size text], ...]]."""
+    return page.eval_on_selector_all("#chatList li.chat-files", ATTACHMENTS_JS)
+
+
+def expect_file_chat(page: Page, sender: str, message: str, files: list[list[str]]) -> None:
+    """A chat line from `sender` with `message` shows exactly `files`, every
+    file's link ready (with a token) and every thumbnail loaded."""
+    want = [sender, message, files]
+    wait_until(
+        page,
+        f"want => ({ATTACHMENTS_JS})([...document.querySelectorAll('#chatList li.chat-files')])"
+        " .some(line => JSON.stringify(line) === JSON.stringify(want))"
+        " && [...document.querySelectorAll('#chatList a[data-file]')].every(a => /[/]files[/][^/?]+[?]token=./.test(a.href))"
+        " && [...document.querySelectorAll('#chatList img.att-thumb')].every(img => img.complete && img.naturalWidth > 0)",
+        want,
+        lambda: file_chats(page),
+    )
+
+
+def fetch(page: Page, url: str) -> dict[str, Any]:
+    """GET `url` from the page (its origin, its cookies): status, headers, body as base64."""
+    return page.evaluate(
+        """async url => {
+            const r = await fetch(url);
+            const bytes = new Uint8Array(await r.arrayBuffer());
+            let binary = '';
+            for (const b of bytes) binary += String.fromCharCode(b);
+            return {status: r.status, headers: Object.fromEntries(r.headers), body: btoa(binary)};
+        }""",
+        url,
     )

@@ -3,6 +3,7 @@ server process (``python -m chatserver``) on a free loopback port."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
 import time
@@ -16,23 +17,33 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from tests.browser_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    attach,
     chats,
     conversations,
     create_room,
+    drop_files,
     expect_chat,
     expect_conversations,
+    expect_file_chat,
     expect_members,
+    expect_tray_ready,
+    fetch,
+    file_chats,
+    file_payload,
     expect_users,
     join_room,
     login,
     notices,
     open_conversation,
+    picture,
     presence,
     request,
     scroll_state,
     send,
     send_many,
+    size_text,
     title,
+    tray,
     users,
     wait_until,
 )
@@ -72,7 +83,10 @@ class ServerPool:
         self.count += 1
         folder = self.directory / f"server-{self.count}"
         folder.mkdir()
-        return self.starter.submit(lambda: ServerProcess(migrated_sqlite(folder)).start())
+        # Uploaded files beside the database, not in the checkout's ./data.
+        return self.starter.submit(
+            lambda: ServerProcess(migrated_sqlite(folder), CHAT_DATA_DIR=str(folder / "data")).start()
+        )
 
     def take(self) -> ServerProcess:
         ready, self.next = self.next, self._launch()
@@ -116,9 +130,19 @@ class Servers:
     def restart(self, server: ServerProcess) -> ServerProcess:
         """A new server process on the same port and database."""
         assert server.proc is not None and server.proc.poll() is not None, "stop it first"
-        again = ServerProcess(server.database_url, port=server.port).start()
+        data = {"CHAT_DATA_DIR": server.env["CHAT_DATA_DIR"]} if "CHAT_DATA_DIR" in server.env else {}
+        again = ServerProcess(server.database_url, port=server.port, **data).start()
         self.started.append(again)
         return again
+
+    def start(self, **env: str) -> ServerProcess:
+        """Another server with its own database, files and settings `env`."""
+        self.pool.count += 1
+        folder = self.pool.directory / f"server-{self.pool.count}"
+        folder.mkdir()
+        server = ServerProcess(migrated_sqlite(folder), CHAT_DATA_DIR=str(folder / "data"), **env).start()
+        self.started.append(server)
+        return server
 
     def stop_all(self) -> None:
         for server in self.started:
@@ -741,3 +765,271 @@ def test_room_and_private_messages_missed_while_disconnected_arrive_once(new_pag
     send(talker, "live again")
     expect_chat(away, "talker", "live again")
     assert chats(away) == [("talker", m) for m in ["before the drop", *missed, "live again"]]
+
+
+# -- images and files (issue 14) ------------------------------------------------
+
+PICTURE = picture(800, 500)
+NOTES = ("Notes from the meeting.\n" * 64).encode()  # 1536 bytes: "1.5 KiB"
+
+
+def upload_answer(page: Page, name: str) -> dict[str, object]:
+    """The server's answer for the upload called `name` waiting in the input."""
+    return page.evaluate(
+        "name => ChatApp.controller.homeModel.activeConversation().uploads.findWhere({name}).get('upload')", name
+    )
+
+
+def test_image_attached_in_one_page_shows_as_a_thumbnail_in_another(new_page: PageFactory) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    alice = new_page(viewport={"width": 1280, "height": 720})
+    login(alice, "alice")
+    bob = new_page(viewport={"width": 1280, "height": 720})
+    login(bob, "bob")
+    send(alice, "Photos from the trip:")
+
+    # The attach button opens the file chooser; the file uploads at once.
+    with alice.expect_file_chooser() as chooser:
+        alice.click("#attachButton")
+    chooser.value.set_files(file_payload("sunset.png", PICTURE, "image/png"))
+    expect_tray_ready(alice, 1)
+    assert tray(alice) == [["sunset.png", "4.6 KiB", "ready"]], tray(alice)
+    uploaded = upload_answer(alice, "sunset.png")
+    assert uploaded["type"] == "image/png" and uploaded["thumb"] is True, uploaded
+    assert (uploaded["width"], uploaded["height"]) == (800, 500)
+    send(alice, "the sunset")
+    expect(alice.locator("#uploadTray li")).to_have_count(0)
+
+    # A file dropped on the conversation goes with the next message.
+    drop_files(alice, file_payload("notes.txt", NOTES, "text/plain"))
+    expect_tray_ready(alice, 1)
+    send(alice, "and the notes")
+
+    for page in (alice, bob):
+        expect_file_chat(page, "alice", "the sunset", [["image", "sunset.png", "4.6 KiB"]])
+        expect_file_chat(page, "alice", "and the notes", [["file", "notes.txt", "1.5 KiB"]])
+        assert chats(page) == [("alice", "Photos from the trip:"), ("alice", "the sunset"), ("alice", "and the notes")]
+
+    # Bob's thumbnail: the server's (at most 320 px), shown 240x150 from the
+    # picture's own proportions.
+    thumb = bob.locator("#chatList img.att-thumb")
+    expect(thumb).to_have_count(1)
+    natural = thumb.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert 0 < natural[0] <= 320 and 0 < natural[1] <= 320, natural
+    assert abs(natural[0] / natural[1] - 800 / 500) < 0.02, natural
+    box = thumb.bounding_box()
+    # (The loaded thumbnail's own proportions may differ by a rounded pixel.)
+    assert box is not None and round(box["width"]) == 240 and abs(box["height"] - 150) <= 1, box
+    assert re.search(rf"/files/{re.escape(str(uploaded['id']))}/thumb\?token=\w", thumb.get_attribute("src") or "")
+    assert scroll_state(bob)["atBottom"]
+
+    # A later arrival sees both in the lobby's history.
+    cat = new_page()
+    login(cat, "cat")
+    expect_file_chat(cat, "alice", "the sunset", [["image", "sunset.png", "4.6 KiB"]])
+    expect_file_chat(cat, "alice", "and the notes", [["file", "notes.txt", "1.5 KiB"]])
+
+    bob.screenshot(path=str(ARTIFACTS / "files.png"))
+
+    # Click: the full size, the uploaded bytes themselves.
+    thumb.click()
+    full = bob.locator(".lightbox img.lightbox-image")
+    expect(full).to_be_visible()
+    wait_until(bob, "() => document.querySelector('.lightbox img').naturalWidth > 0")
+    assert full.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [800, 500]
+    expect(bob.locator(".lightbox .lightbox-name")).to_have_text("sunset.png")
+    got = fetch(bob, full.get_attribute("src") or "")
+    assert got["status"] == 200 and got["headers"]["content-type"] == "image/png", got["headers"]
+    assert base64.b64decode(got["body"]) == PICTURE
+    bob.screenshot(path=str(ARTIFACTS / "files-full.png"))
+    bob.keyboard.press("Escape")
+    expect(bob.locator(".lightbox")).to_have_count(0)
+
+    # A picture pasted into the input (a screenshot) is attached too.
+    bob.evaluate(
+        """async data => {
+            const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+            const clipboard = new DataTransfer();
+            clipboard.items.add(new File([bytes], 'image.png', {type: 'image/png'}));
+            document.querySelector('#chatInput').dispatchEvent(
+                new ClipboardEvent('paste', {clipboardData: clipboard, bubbles: true, cancelable: true}));
+        }""",
+        base64.b64encode(picture(200, 200)).decode(),
+    )
+    expect_tray_ready(bob, 1)
+    expect(bob.locator("#chatInput")).to_have_value("")
+    send(bob, "pasted")
+    expect_file_chat(alice, "bob", "pasted", [["image", "image.png", size_text(len(picture(200, 200)))]])
+
+
+def test_files_in_a_room_and_a_private_conversation_are_links_with_name_and_size(new_page: PageFactory) -> None:
+    ann, bob, cat = in_lobby(new_page, "ann", "bob", "cat")
+    create_room(ann, "Files")
+    join_room(bob, "Files")
+
+    # A file alone is a message (no text).
+    attach(ann, file_payload("report.csv", NOTES, "text/csv"))
+    expect_tray_ready(ann, 1)
+    send(ann, "")
+    for page in (ann, bob):
+        expect_file_chat(page, "ann", "", [["file", "report.csv", "1.5 KiB"]])
+    link = bob.locator("#chatList a.att-file")
+    assert link.get_attribute("download") == "report.csv"
+    got = fetch(bob, link.get_attribute("href") or "")
+    assert got["status"] == 200, got
+    assert got["headers"].get("content-disposition", "").startswith("attachment"), got["headers"]
+    assert got["headers"]["x-content-type-options"] == "nosniff"
+    assert base64.b64decode(got["body"]) == NOTES
+
+    # Not a member: Cat's own token does not open it.
+    cat_token = request(cat, "uploadToken")
+    assert cat_token["ok"] is True, cat_token
+    file_id = re.search(r"/files/([^/?]+)", link.get_attribute("href") or "")
+    assert file_id
+    refused = fetch(cat, f"/files/{file_id.group(1)}?token={cat_token['token']}")
+    assert refused["status"] == 403, refused["status"]
+    assert "report.csv" not in cat.inner_text("body")
+
+    # A private conversation: Bob sends Ann two files with a line of text.
+    open_conversation(bob, "Lobby")
+    bob.locator("#userList .user-open").filter(has_text="ann").click()
+    expect(bob.locator("#convHeader .conv-title")).to_have_text("@ ann")
+    blob = bytes(range(256)) * (3 * 4096)  # 3 MiB of binary
+    attach(bob, file_payload("data.bin", blob), file_payload("notes.txt", NOTES, "text/plain"))
+    expect_tray_ready(bob, 2)
+    send(bob, "two files for you")
+    want = [["file", "data.bin", "3.0 MiB"], ["file", "notes.txt", "1.5 KiB"]]
+    expect_file_chat(bob, "bob", "two files for you", want)
+    expect_conversations(ann, [["Lobby", ""], ["# Files", ""]], [["bob", "1"]])
+    open_conversation(ann, "bob")
+    expect_file_chat(ann, "bob", "two files for you", want)
+    got = fetch(ann, ann.locator("#chatList a.att-file").first.get_attribute("href") or "")
+    assert got["status"] == 200 and base64.b64decode(got["body"]) == blob
+
+
+# No '"' (a browser sends it as %22 in a multipart filename) and no '/'
+# (the server keeps the last path segment): markup that would still run.
+HTML_FILE_NAME = "<img src=x onerror=window.__xss=5>.txt"
+HTML_IMAGE_NAME = "<b onmouseover=window.__xss=6>look<b>.png"
+
+
+def test_file_names_with_html_are_text(new_page: PageFactory) -> None:
+    ann = new_page()
+    login(ann, "ann")
+    bob = new_page(viewport={"width": 360, "height": 640})  # narrow: long names wrap
+    login(bob, "bob")
+    attach(ann, file_payload(HTML_FILE_NAME, NOTES, "text/plain"), file_payload(HTML_IMAGE_NAME, PICTURE, "image/png"))
+    expect_tray_ready(ann, 2)
+    assert [row[0] for row in tray(ann)] == [HTML_FILE_NAME, HTML_IMAGE_NAME]
+    send(ann, "<i>names</i>")
+    want = [["file", HTML_FILE_NAME, "1.5 KiB"], ["image", HTML_IMAGE_NAME, "4.6 KiB"]]
+    for page in (ann, bob):
+        expect_file_chat(page, "ann", "<i>names</i>", want)
+        # The only pictures are the thumbnail; no markup became an element.
+        assert page.locator("#container img").count() == 1
+        assert page.locator("#container img.att-thumb").get_attribute("alt") == HTML_IMAGE_NAME
+        assert page.locator("#container b, #container i").count() == 0
+        assert page.eval_on_selector("#chatScroll", "s => s.scrollWidth <= s.clientWidth")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    ARTIFACTS.mkdir(exist_ok=True)
+    bob.screenshot(path=str(ARTIFACTS / "files-narrow.png"))
+    bob.locator("#chatList img.att-thumb").click()
+    expect(bob.locator(".lightbox .lightbox-name")).to_have_text(HTML_IMAGE_NAME)
+    assert bob.locator(".lightbox b").count() == 0
+    assert bob.locator(".lightbox a[download]").get_attribute("download") == HTML_IMAGE_NAME
+    bob.wait_for_timeout(300)  # an <img onerror> would have fired by now
+    assert ann.evaluate("window.__xss") is None
+    assert bob.evaluate("window.__xss") is None
+
+
+def test_upload_progress_bar_and_refused_uploads(new_page: PageFactory, servers: Servers) -> None:
+    server = servers.start(CHAT_UPLOAD_MAX_BYTES=str(2 * 1024 * 1024), CHAT_FILES_PER_MESSAGE="1")
+    page = new_page(server)
+    login(page, "slow")
+    # Record every value the progress bar shows.
+    page.evaluate(
+        """() => {
+            window.__progress = [];
+            new MutationObserver(() => {
+                for (const bar of document.querySelectorAll('#uploadTray .upload-progress'))
+                    window.__progress.push(Number(bar.getAttribute('aria-valuenow')));
+            }).observe(document.getElementById('container'), {subtree: true, childList: true, attributes: true});
+        }"""
+    )
+    # A slow uplink (bytes per second), so the upload takes about two seconds.
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 512 * 1024},
+    )
+    attach(page, file_payload("big.bin", bytes(1024 * 1024)))
+    expect(page.locator("#uploadTray .upload-progress")).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "files-uploading.png"))
+    # Enter while it uploads sends nothing yet.
+    send(page, "too early")
+    expect(page.locator("#chatError")).to_have_text("Wait for the upload to finish, or remove it.")
+    expect_tray_ready(page, 1)
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    seen = page.evaluate("window.__progress")
+    assert any(0 < p < 100 for p in seen), seen
+    assert seen == sorted(seen), seen
+    send(page, "too early")  # still in the input
+    expect_file_chat(page, "slow", "too early", [["file", "big.bin", "1.0 MiB"]])
+
+    # Larger than the server takes: refused with the server's reason; nothing to send.
+    attach(page, file_payload("huge.bin", bytes(2 * 1024 * 1024 + 1)))
+    failed = page.locator("#uploadTray li.upload-failed")
+    expect(failed).to_have_count(1)
+    expect(failed.locator(".upload-error")).not_to_be_empty()
+    send(page, "")
+    expect(page.locator("#uploadTray li")).to_have_count(1)
+    assert len(file_chats(page)) == 1
+    failed.locator("[data-action=remove-upload]").click()
+    expect(page.locator("#uploadTray li")).to_have_count(0)
+    expect(page.locator("#uploadTray")).to_be_hidden()
+
+    # More files than the server takes in one message: refused, and the
+    # text and files are given back to send again.
+    attach(page, file_payload("one.txt", NOTES, "text/plain"), file_payload("two.txt", NOTES, "text/plain"))
+    expect_tray_ready(page, 2)
+    send(page, "both")
+    expect(page.locator("#chatError")).to_have_text("Too many files in one message: remove some.")
+    expect_tray_ready(page, 2)
+    expect(page.locator("#chatInput")).to_have_value("both")
+    page.locator("#uploadTray li.upload").filter(has_text="two.txt").locator("[data-action=remove-upload]").click()
+    page.press("#chatInput", "Enter")
+    expect_file_chat(page, "slow", "both", [["file", "one.txt", "1.5 KiB"]])
+    expect(page.locator("#uploadTray li")).to_have_count(0)
+
+
+def test_after_reconnecting_files_load_and_upload_with_the_new_sessions_token(new_page: PageFactory) -> None:
+    ann, bob = in_lobby(new_page, "ann", "bob")
+    attach(ann, file_payload("first.png", PICTURE, "image/png"))
+    expect_tray_ready(ann, 1)
+    send(ann, "first")
+    expect_file_chat(bob, "ann", "first", [["image", "first.png", "4.6 KiB"]])
+    before = bob.evaluate("ChatApp.controller.homeModel.files.get('token')")
+    assert before
+
+    # Bob's connection drops; his session (and its token) ends with it.
+    bob.evaluate("() => { const s = ChatApp.controller.chatClient.socket; s.io.reconnection(false); s.io.engine.close(); }")
+    expect(bob.locator("#status .conn")).to_have_class(re.compile(r"\bconn-disconnected\b"))
+    attach(ann, file_payload("second.png", picture(300, 600), "image/png"))
+    expect_tray_ready(ann, 1)
+    send(ann, "second")
+    bob.evaluate("() => { const s = ChatApp.controller.chatClient.socket; s.io.reconnection(true); s.connect(); }")
+    expect(bob.locator("#status .conn-name")).to_have_text("as bob")
+
+    # What he missed arrives with a thumbnail from the new session's token.
+    expect_file_chat(bob, "ann", "second", [["image", "second.png", size_text(len(picture(300, 600)))]])
+    after = bob.evaluate("ChatApp.controller.homeModel.files.get('token')")
+    assert after and after != before
+    assert (bob.locator("#chatList img.att-thumb").last.get_attribute("src") or "").endswith("token=" + after)
+    # And he can upload again.
+    drop_files(bob, file_payload("reply.txt", NOTES, "text/plain"))
+    expect_tray_ready(bob, 1)
+    send(bob, "got it")
+    expect_file_chat(ann, "bob", "got it", [["file", "reply.txt", "1.5 KiB"]])
+

@@ -43,7 +43,9 @@
     not_stored: 'The server could not store the message: try again.',
     not_a_member: 'You are not in this room any more.',
     no_such_room: 'This room does not exist.',
-    no_such_user: 'There is no user of that name.'
+    no_such_user: 'There is no user of that name.',
+    bad_attachment: 'A file could not be sent (sent already, or its upload expired): attach it again.',
+    too_many_attachments: 'Too many files in one message: remove some.'
   };
 
   var ROOM_ERRORS = {
@@ -73,6 +75,10 @@
     self.lostNotice = null;   // the "Connection lost." line, dropped again if the server resumes us
     self.autoLoginTries = 0;  // > 0 while logging in again under the saved name after a reload
     self.timers = {};
+    self.tokenWanted = false; // something needed an upload token since the login: keep one
+    self.tokenPending = false;
+    self.tokenTicket = 0;     // bumped when the connection drops: a late answer is not for this session
+    self.tokenWaiters = [];
 
     self.init = function () {
       self.connection = new models.ConnectionModel();
@@ -113,7 +119,14 @@
     };
 
     self.showHome = function () {
-      var home = self.homeModel = new models.HomeModel();
+      self.dropToken(); // the previous login's, if any
+      var home = self.homeModel = new models.HomeModel(null, { base: options.url });
+      self.tokenWanted = false;
+      home.files.on('wanted', function () {
+        if (home === self.homeModel) {
+          self.fetchToken();
+        }
+      });
       // The conversation shown got new lines (or was just shown): mark it read.
       home.on('arrived', function (conversation) { self.scheduleRead(home, conversation); });
       self.homeView = new views.HomeView({ vent: self.viewEventBus, model: home });
@@ -200,6 +213,107 @@
       }
     };
 
+    // -- files -------------------------------------------------------------
+
+    // Ask for the session's upload token (once at a time); cb(error, token).
+    // While it is in use it is asked for again before it expires.
+    self.fetchToken = function (cb) {
+      var home = self.homeModel;
+      self.tokenWanted = true;
+      if (cb) {
+        self.tokenWaiters.push(cb);
+      }
+      if (self.tokenPending) {
+        return;
+      }
+      if (!home || !home.get('online') || !self.chatClient.connected()) {
+        self.flushToken({ code: 'offline', message: 'Not connected.' }); // asked again after the next welcome
+        return;
+      }
+      self.tokenPending = true;
+      var ticket = self.tokenTicket;
+      self.chatClient.uploadToken(function (error, answer) {
+        if (ticket !== self.tokenTicket) {
+          return; // asked on a connection that has dropped since
+        }
+        self.tokenPending = false;
+        var flush = self.flushToken;
+        if (home !== self.homeModel) {
+          flush(error || { code: 'logged_out', message: 'Logged out.' });
+          return;
+        }
+        if (!error) {
+          var ttl = typeof answer.expiresIn === 'number' && answer.expiresIn > 0 ? answer.expiresIn : 60;
+          home.files.grant(answer.token, ttl);
+          self.later('token', Math.max(5, ttl * 0.8) * 1000, function () {
+            if (home === self.homeModel) {
+              self.fetchToken();
+            }
+          });
+        }
+        flush(error, error ? null : answer.token);
+      });
+    };
+
+    self.flushToken = function (error, token) {
+      var waiters = self.tokenWaiters;
+      self.tokenWaiters = [];
+      _.each(waiters, function (waiter) { waiter(error, token); });
+    };
+
+    // The connection dropped: a token asked for on it will not come.
+    self.dropToken = function () {
+      self.cancel('token');
+      self.tokenTicket += 1;
+      self.tokenPending = false;
+      if (self.homeModel) {
+        self.homeModel.files.expire(); // bound to the session that just ended
+      }
+      self.flushToken({ code: 'offline', message: 'Not connected.' });
+    };
+
+    // Upload `file` for `upload` (a PendingUpload); a token refused as
+    // expired is asked for again once.
+    self.upload = function (home, upload, file, mayRetry) {
+      var withToken = function (cb) {
+        if (home.files.valid()) {
+          cb(null, home.files.get('token'));
+        } else {
+          self.fetchToken(cb);
+        }
+      };
+      withToken(function (error, token) {
+        if (!upload.collection || upload.get('state') !== 'uploading') {
+          return; // removed meanwhile
+        }
+        if (error) {
+          upload.failed('Could not upload: ' + error.message);
+          return;
+        }
+        var request = ChatApp.uploadFile({
+          url: home.files.uploadUrl(),
+          token: token,
+          file: file,
+          progress: function (loaded, total) {
+            // `total` is the multipart body: a little more than the file.
+            upload.set('loaded', total > 0 ? Math.round(upload.get('size') * loaded / total) : 0);
+          },
+          done: function (error, answer) {
+            upload.abort = null;
+            if (error && error.status === 401 && mayRetry && home === self.homeModel) {
+              home.files.expire();
+              self.upload(home, upload, file, false);
+            } else if (error) {
+              upload.failed(error.message);
+            } else {
+              upload.ready(answer);
+            }
+          }
+        });
+        upload.abort = request.abort;
+      });
+    };
+
     // Log in again under our name after a reconnect.
     self.relogin = function () {
       self.reloginTries = (self.reloginTries || 0) + 1;
@@ -230,10 +344,21 @@
       } // else: sent on `connected`
     });
 
-    // `conversation`: where it was typed (default: the lobby).
-    self.viewEventBus.on('chat', function (text, conversation) {
+    // `conversation`: where it was typed (default: the lobby); `uploads`:
+    // the ready PendingUploads sent with it, taken out of its input.
+    self.viewEventBus.on('chat', function (text, conversation, uploads) {
       var home = self.homeModel;
+      var place = conversation || (home && home.lobby);
+      uploads = uploads || [];
+      if (place && uploads.length) {
+        place.uploads.remove(uploads);
+      }
+      var ids = _.map(uploads, function (u) { return u.get('upload').id; });
       self.chatClient.chat(text, function (error) {
+        var giveBack = error && error.code !== 'timeout' && error.code !== 'bad_attachment';
+        if (!giveBack || !home || home !== self.homeModel) {
+          _.invoke(uploads, 'dispose');
+        }
         if (!error || !home || home !== self.homeModel) {
           return;
         }
@@ -241,7 +366,26 @@
         if (error.code !== 'timeout') {
           home.trigger('unsent', text, conversation); // refused, so certainly not sent: give it back
         }
-      }, conversation ? conversation.target() : null);
+        if (giveBack && place) {
+          place.uploads.add(uploads);
+        }
+      }, conversation ? conversation.target() : null, ids);
+    });
+
+    self.viewEventBus.on('attach', function (files, conversation) {
+      var home = self.homeModel;
+      var place = conversation || (home && home.lobby);
+      if (!home || !place) {
+        return;
+      }
+      _.each(files, function (file) {
+        var upload = new models.PendingUpload({ name: file.name || 'file', size: file.size || 0, type: file.type || '' });
+        if (_.contains(models.INLINE_IMAGES, file.type) && window.URL.createObjectURL) {
+          upload.preview = window.URL.createObjectURL(file); // this page's own copy, shown while it uploads
+        }
+        place.uploads.add(upload);
+        self.upload(home, upload, file, true);
+      });
     });
 
     self.viewEventBus.on('loadOlder', function (conversation) {
@@ -409,6 +553,7 @@
       self.cancel('resume');
       self.cancel('relogin');
       self.connection.set({ state: 'disconnected', name: '' });
+      self.dropToken();
       if (self.homeModel && self.homeModel.get('online')) {
         self.homeModel.endSession();
         self.lostNotice = self.homeModel.addNotice('Connection lost.');
@@ -456,6 +601,9 @@
       self.lostNotice = null;
       self.connection.set({ state: 'connected', name: self.me });
       self.chatClient.requestOnlineUsers();
+      if (self.tokenWanted) {
+        self.fetchToken(); // a new session: its own token
+      }
       if (reconnected && !data.resumed) {
         // What rooms and PMs missed is not replayed: load them again.
         self.homeModel.forgetConversations();

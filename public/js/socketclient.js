@@ -77,13 +77,28 @@
     },
 
     // cb(error) once the server stored the chat or refused it. `target`:
-    // null for the lobby (the seed's one-argument chat), {room} or {to}.
-    chat: function (text, cb, target) {
-      this.request('chat', target ? [text, target] : [text], function (error, ack) {
+    // null for the lobby (the seed's one-argument chat), {room} or {to};
+    // `attachments`: ids of uploads to post with it (the text may then be '').
+    chat: function (text, cb, target, attachments) {
+      var options = target ? _.clone(target) : null;
+      if (attachments && attachments.length) {
+        options = _.extend(options || {}, { attachments: attachments });
+      }
+      this.request('chat', options ? [text, options] : [text], function (error, ack) {
         if (error && error.code === 'timeout') {
           error.message = 'No answer from the server; the message may not have been sent.';
         }
         cb(error, ack);
+      });
+    },
+
+    // cb(error, {token, expiresIn}): the session's token for /api/uploads and /files.
+    uploadToken: function (cb) {
+      this.request('uploadToken', [], function (error, answer) {
+        if (!error && (typeof answer.token !== 'string' || !answer.token)) {
+          error = { code: 'bad_answer', message: 'No upload token in the answer.' };
+        }
+        cb(error, error ? null : answer);
       });
     },
 

@@ -14,14 +14,17 @@
 
   var ChatModel = Backbone.Model.extend({
     idAttribute: 'position',
-    defaults: {
-      kind: 'chat', // chat | join | leave | notice
-      sender: '',
-      message: '',
-      name: '',
-      time: null,
-      position: undefined,
-      after: 0
+    defaults: function () {
+      return {
+        kind: 'chat', // chat | join | leave | notice
+        sender: '',
+        message: '',
+        attachments: [], // a chat's files: see models/files.js
+        name: '',
+        time: null,
+        position: undefined,
+        after: 0
+      };
     },
 
     // What the line template needs.

@@ -63,6 +63,7 @@
 
     initialize: function (attrs, options) {
       this.chats = (options && options.chats) || new PositionedChats();
+      this.uploads = new models.PendingUploads(); // files for the next message typed here
       this.members = new MemberCollection();
       this.membersLoaded = false;
       this.loaded = false;  // its latest history page was merged (rooms and PMs)
@@ -209,7 +210,10 @@
   function lineFromItem(item) {
     var line = { time: item.time || null, position: item.position };
     if (item.kind === 'chat' || item.kind === 'private') {
-      return _.extend(line, { kind: 'chat', sender: String(item.sender), message: String(item.message) });
+      return _.extend(line, {
+        kind: 'chat', sender: String(item.sender), message: String(item.message),
+        attachments: models.attachmentsOf(item.attachments)
+      });
     }
     if (item.kind === 'created') {
       return _.extend(line, { kind: 'created', name: String(item.name), message: String(item.topic || '') });

@@ -75,7 +75,7 @@
       };
     },
 
-    initialize: function () {
+    initialize: function (attrs, options) {
       this.users = new models.UserCollection();
       this.chats = new models.ChatCollection();
       this.conversations = new models.ConversationCollection();
@@ -84,6 +84,7 @@
       this.lobby = new models.ConversationModel({ key: LOBBY_KEY, kind: 'lobby', name: 'lobby' }, { chats: this.chats });
       this.conversations.add(this.lobby);
       this.directory = new models.DirectoryModel();
+      this.files = new models.FileAccess(null, { base: options && options.base }); // the upload token, for /files URLs
       this.horizon = 0;
       this.summaryPosition = undefined; // the last `conversations` summary's position
       this.session = null;
@@ -139,6 +140,7 @@
         kind: 'chat',
         sender: String(chat.sender),
         message: String(chat.message),
+        attachments: models.attachmentsOf(chat.attachments),
         time: chat.time || null,
         position: position
       };
@@ -411,7 +413,7 @@
       }
       var line = { kind: kind, time: data.time || null, position: position };
       if (kind === 'chat') {
-        _.extend(line, { sender: who, message: String(data.message) });
+        _.extend(line, { sender: who, message: String(data.message), attachments: models.attachmentsOf(data.attachments) });
       } else {
         _.extend(line, { name: who, message: kind === 'created' ? String(data.topic || '') : '' });
       }
@@ -430,7 +432,10 @@
       var sender = String(data.sender);
       var peer = sender === me ? String(data.recipient) : sender;
       var conversation = this.ensurePrivate(peer);
-      var line = { kind: 'chat', sender: sender, message: String(data.message), time: data.time || null, position: position };
+      var line = {
+        kind: 'chat', sender: sender, message: String(data.message),
+        attachments: models.attachmentsOf(data.attachments), time: data.time || null, position: position
+      };
       this.arrived(conversation, conversation.addLines([line]));
     },
 
@@ -486,7 +491,7 @@
     if (item.kind === 'chat') {
       return {
         kind: 'chat', sender: String(item.sender), message: String(item.message),
-        time: item.time || null, position: item.position
+        attachments: models.attachmentsOf(item.attachments), time: item.time || null, position: item.position
       };
     }
     return { kind: item.kind, name: String(item.name), time: item.time || null, position: item.position };

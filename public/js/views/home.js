@@ -1,10 +1,13 @@
 /* The logged-in screen: the conversation list, the shown conversation (or
  * the room directory) with its input, and the people beside it: the online
- * users, or a room's members. */
+ * users, or a room's members. Files are attached with the attach button, by
+ * dropping them on the conversation or pasting them into the input; they
+ * upload at once and go with the next message sent there. */
 (function (ChatApp, Backbone, _) {
   'use strict';
 
   var views = ChatApp.views;
+  var MAX_FILES = 10; // the server's default CHAT_FILES_PER_MESSAGE; it refuses more anyway
 
   ChatApp.views.HomeView = Backbone.View.extend({
     className: 'home-screen',
@@ -19,12 +22,20 @@
       'submit #chatForm': 'send',
       'click [data-action="older"]': 'loadOlder',
       'input #chatInput': 'typed',
-      'click [data-action="leave"]': 'leave'
+      'click [data-action="leave"]': 'leave',
+      'click [data-action="attach"]': 'chooseFiles',
+      'change #fileInput': 'filesChosen',
+      'paste #chatInput': 'pasted',
+      'dragenter #convPanel': 'dragEnter',
+      'dragover #convPanel': 'dragOver',
+      'dragleave #convPanel': 'dragLeave',
+      'drop #convPanel': 'dropped'
     },
 
     initialize: function (options) {
       this.vent = options.vent;
       this.conversation = null; // the one shown (null: the directory)
+      this.dragDepth = 0;       // dragenter minus dragleave: the drop hint stays while over children
       this.listenTo(this.model, 'change:online', this.renderOnline);
       this.listenTo(this.model, 'change:chatError', this.renderError);
       this.listenTo(this.model, 'change', function () {
@@ -81,8 +92,11 @@
         collection: conversation.chats,
         scroller: this.$('#chatScroll').get(0),
         newBelow: this.$('#newBelow').get(0),
-        me: this.me()
+        me: this.me(),
+        files: this.model.files,
+        showImage: _.bind(this.showImage, this)
       }).render();
+      this.tray = new views.UploadTrayView({ el: this.$('#uploadTray').get(0), collection: conversation.uploads }).render();
       this.$('#chatInput').val(conversation.get('draft'));
       this.renderHeader();
       this.renderPeople(conversation);
@@ -98,8 +112,9 @@
       if (this.conversation) {
         this.stopListening(this.conversation);
       }
-      _.invoke(_.compact([this.chatList, this.people, this.directory]), 'remove');
-      this.chatList = this.people = this.directory = null;
+      _.invoke(_.compact([this.chatList, this.people, this.directory, this.tray]), 'remove');
+      this.chatList = this.people = this.directory = this.tray = null;
+      this.dragDepth = 0;
     },
 
     // A room shows its members; the lobby, a PM and the directory the online users.
@@ -164,7 +179,13 @@
       event.preventDefault();
       var input = this.$('#chatInput');
       var text = input.val();
-      if (!text.trim()) {
+      var uploads = this.conversation.uploads;
+      var ready = uploads.ready();
+      if (uploads.busy()) {
+        this.model.set('chatError', 'Wait for the upload to finish, or remove it.');
+        return;
+      }
+      if (!text.trim() && !ready.length) {
         input.val('');
         return;
       }
@@ -172,9 +193,100 @@
         this.model.set('chatError', 'Not connected: the message was not sent.');
         return;
       }
+      if (ready.length > MAX_FILES) {
+        this.model.set('chatError', 'At most ' + MAX_FILES + ' files in one message: remove some.');
+        return;
+      }
       input.val('');
       this.model.set('chatError', '');
-      this.vent.trigger('chat', text, this.conversation);
+      // Files alone make a message: blank text is then sent empty.
+      this.vent.trigger('chat', text.trim() ? text : '', this.conversation, ready);
+    },
+
+    // -- attaching files ---------------------------------------------------
+
+    chooseFiles: function () {
+      this.$('#fileInput').trigger('click');
+    },
+
+    filesChosen: function (event) {
+      var input = event.currentTarget;
+      var files = _.toArray(input.files);
+      input.value = ''; // the same file can be chosen again
+      this.attach(files);
+    },
+
+    attach: function (files) {
+      if (!this.conversation || !files.length) {
+        return;
+      }
+      var room = MAX_FILES - this.conversation.uploads.length;
+      if (files.length > room) {
+        this.model.set('chatError', 'At most ' + MAX_FILES + ' files in one message.');
+        files = files.slice(0, Math.max(0, room));
+      } else {
+        this.model.set('chatError', '');
+      }
+      if (files.length) {
+        this.vent.trigger('attach', files, this.conversation);
+      }
+      this.$('#chatInput').trigger('focus');
+    },
+
+    // A picture copied to the clipboard (a screenshot) and pasted into the input.
+    pasted: function (event) {
+      var clipboard = event.originalEvent && event.originalEvent.clipboardData;
+      var files = clipboard ? _.toArray(clipboard.files) : [];
+      if (files.length) {
+        event.preventDefault(); // not its file name as text
+        this.attach(files);
+      }
+    },
+
+    carriesFiles: function (event) {
+      var transfer = event.originalEvent && event.originalEvent.dataTransfer;
+      return !!transfer && _.contains(_.toArray(transfer.types), 'Files');
+    },
+
+    dragEnter: function (event) {
+      if (!this.carriesFiles(event) || !this.conversation) {
+        return;
+      }
+      event.preventDefault();
+      this.dragDepth += 1;
+      this.$('#convPanel').addClass('drop-target');
+    },
+
+    dragOver: function (event) {
+      if (!this.carriesFiles(event)) {
+        return;
+      }
+      event.preventDefault(); // allows the drop
+      event.originalEvent.dataTransfer.dropEffect = this.conversation ? 'copy' : 'none';
+    },
+
+    dragLeave: function (event) {
+      if (!this.carriesFiles(event) || !this.conversation) {
+        return;
+      }
+      this.dragDepth = Math.max(0, this.dragDepth - 1);
+      if (!this.dragDepth) {
+        this.$('#convPanel').removeClass('drop-target');
+      }
+    },
+
+    dropped: function (event) {
+      if (!this.carriesFiles(event)) {
+        return;
+      }
+      event.preventDefault(); // not opened by the browser in place of the chat
+      this.dragDepth = 0;
+      this.$('#convPanel').removeClass('drop-target');
+      this.attach(_.toArray(event.originalEvent.dataTransfer.files));
+    },
+
+    showImage: function (attachment) {
+      new views.LightboxView({ attachment: attachment, files: this.model.files }).open();
     },
 
     typed: function () {
