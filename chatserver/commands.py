@@ -349,8 +349,13 @@ class Commands:
         # order of their submission, whatever task runs each handler.
         if target.room is not None:
             room = self._member_room(session, target.room)
-            new = domain.decide_room_chat(
-                session.name, session.version + 1, room.name, message, command_id=command_id, attachments=attachments
+            new = domain.decide_chat(
+                session.name,
+                session.version + 1,
+                message,
+                room=room.name,
+                command_id=command_id,
+                attachments=attachments,
             )
         elif target.to is not None:
             new = domain.decide_private_message(

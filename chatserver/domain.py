@@ -413,13 +413,15 @@ def decide_chat(
     version: int,
     message: str,
     *,
+    room: str = LOBBY,
     command_id: str | None = None,
     attachments: tuple[dict[str, object], ...] = (),
 ) -> NewEvent:
+    """A chat in the lobby or in ``room`` (as the room is named)."""
     return NewEvent(
         user_stream(sender),
         version,
-        MessagePosted(sender=sender, message=message, attachments=attachments),
+        MessagePosted(sender=sender, message=message, room=room, attachments=attachments),
         command_id,
     )
 
@@ -524,23 +526,6 @@ def decide_join_room(
 
 def decide_leave_room(name: str, version: int, room: str, *, command_id: str | None = None) -> NewEvent:
     return NewEvent(user_stream(name), version, RoomLeft(name=name, room=room), command_id)
-
-
-def decide_room_chat(
-    sender: str,
-    version: int,
-    room: str,
-    message: str,
-    *,
-    command_id: str | None = None,
-    attachments: tuple[dict[str, object], ...] = (),
-) -> NewEvent:
-    return NewEvent(
-        user_stream(sender),
-        version,
-        MessagePosted(sender=sender, message=message, room=room, attachments=attachments),
-        command_id,
-    )
 
 
 def decide_private_message(
