@@ -274,8 +274,7 @@ class SocketHandlers:
 
     async def on_conversations(self, sid: str, *args: Any) -> dict[str, Any]:
         async def conversations() -> dict[str, Any]:
-            if args and args[0] is not None:
-                raise BadPayload("conversations takes no arguments")
+            self._none(protocol.CONVERSATIONS, args)
             return await self.service.conversations(sid)
 
         return await self._request(sid, protocol.CONVERSATIONS, conversations)
@@ -288,11 +287,15 @@ class SocketHandlers:
 
     async def on_upload_token(self, sid: str, *args: Any) -> dict[str, Any]:
         async def token() -> dict[str, Any]:
-            if args and args[0] is not None:
-                raise BadPayload("uploadToken takes no arguments")
+            self._none(protocol.UPLOAD_TOKEN, args)
             return await self.service.upload_token(sid)
 
         return await self._request(sid, protocol.UPLOAD_TOKEN, token)
+
+    @staticmethod
+    def _none(event: str, args: tuple[Any, ...]) -> None:
+        if args and args[0] is not None:
+            raise BadPayload(f"{event} takes no arguments")
 
     @staticmethod
     def _one(event: str, args: tuple[Any, ...], *, optional: bool = False) -> Any:
