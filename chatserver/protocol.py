@@ -47,6 +47,9 @@ LIST_ROOMS = "listRooms"
 ROOM_MEMBERS = "roomMembers"
 MARK_READ = "markRead"
 UPLOAD_TOKEN = "uploadToken"
+# Moderation (accounts mode, admins only).
+KICK = "kick"
+BAN = "ban"
 # CONVERSATIONS is also a client request (answered by ack).
 
 # server -> client (extensions)
