@@ -50,6 +50,8 @@ UPLOAD_TOKEN = "uploadToken"
 # Moderation (accounts mode, admins only).
 KICK = "kick"
 BAN = "ban"
+# Accounts mode: hand a live socket a newer token of the same account.
+REAUTH = "reauth"
 # CONVERSATIONS is also a client request (answered by ack).
 
 # server -> client (extensions)

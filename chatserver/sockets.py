@@ -158,6 +158,7 @@ class SocketHandlers:
         sio.on("connect", self.on_connect)
         sio.on(protocol.KICK, self.on_kick)
         sio.on(protocol.BAN, self.on_ban)
+        sio.on(protocol.REAUTH, self.on_reauth)
         sio.on("disconnect", self.on_disconnect)
         sio.on(protocol.LOGIN, self.on_login)
         sio.on(protocol.CHAT, self.on_chat)
@@ -374,6 +375,35 @@ class SocketHandlers:
             return {"name": event.name, "until": event.until, "position": stored.position}
 
         return await self._request(sid, protocol.BAN, ban)
+
+    async def on_reauth(self, sid: str, *args: Any) -> dict[str, Any]:
+        """A newer token (POST /api/sessions/refresh) for a live socket, so a
+        session outlives one token without a reconnect: the socket then ends
+        at the new token's expiry."""
+
+        async def reauth() -> dict[str, Any]:
+            if self.tokens is None:
+                raise NotAllowed("there are no tokens in open mode")
+            request = self._one(protocol.REAUTH, args)
+            current = self._claims.get(sid)
+            try:
+                claims, _account = await self.tokens.check(request.get("token"))
+            except TokenRefused as exc:
+                raise BadPayload(f"{exc.code}: {exc.message}") from None
+            if current is None or claims.name != current.name:
+                raise NotAllowed("the token is another account's")
+            if self._claims.get(sid) is not current:
+                raise NotLoggedIn("the socket's token has ended")
+            self._claims[sid] = claims
+            timer = self._expiry.pop(sid, None)
+            if timer is not None:
+                timer.cancel()
+            self._expiry[sid] = asyncio.get_running_loop().call_later(
+                max(0.0, claims.expires - time.time()), self.end, sid, "token_expired", "the access token expired; sign in again"
+            )
+            return {"expiresIn": max(0, int(claims.expires - time.time()))}
+
+        return await self._request(sid, protocol.REAUTH, reauth)
 
     def moderated(self, stored: StoredEvent) -> None:
         """Every process applies kicks and bans from the log: its own

@@ -215,6 +215,33 @@ async def test_expired_token_refused_and_session_ends_at_expiry(db_url: str) -> 
         assert any(e.type == "UserLeft" and e.event.name == "alice" for e in events)
 
 
+async def test_reauth_keeps_a_live_session_past_the_first_token(db_url: str) -> None:
+    async with running_server(settings_for(db_url, auth_mode="accounts", token_ttl=3)) as server:
+        await register(server.url, "alice")
+        await register(server.url, "bob")
+        first = await sign_in(server.url, "alice")
+        c = await signed_in_client(server.url, "alice", first)
+        try:
+            await c.login("alice")
+            bob = await sign_in(server.url, "bob")
+            assert (await c.call("reauth", {"token": bob}))["error"] == "not_allowed"
+            assert (await c.call("reauth", {"token": forge({"sub": "alice"})}))["error"] == "bad_payload"
+            await asyncio.sleep(1.5)
+            status, data, _ = await api(server.url, "POST", "/api/sessions/refresh", token=first)
+            assert status == 200
+            ack = await c.call("reauth", {"token": data["token"]})
+            assert ack["ok"] and 0 < ack["expiresIn"] <= 3
+            # Past the first token's expiry the socket is still there...
+            await asyncio.sleep(2.0)
+            assert c.sio.connected
+            assert [e["code"] for e in c.events("protocolError")] == ["not_allowed", "bad_payload"]
+            # ...and it ends at the second's.
+            await c.wait_for(lambda: any(e["code"] == "token_expired" for e in c.events("protocolError")), timeout=5)
+        finally:
+            if c.sio.connected:
+                await c.disconnect()
+
+
 async def test_refresh_and_revoke(accounts_server: InProcessServer) -> None:
     url = accounts_server.url
     await register(url, "alice")
