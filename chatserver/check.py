@@ -154,6 +154,9 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
         value = getattr(settings, field.name)
         if field.name == "database_url" and value:
             value = redacted(value)
+        if field.name == "secret_key":
+            # A signing key printed is a key leaked (terminals, CI logs).
+            value = "(set)" if value else "(unset: generated into the database)"
         print(f"  {field.name} = {value}", file=out)
     if not any(p.startswith("CHAT_DATABASE_URL") for p in problems):
         db_problems, facts = asyncio.run(check_database(settings))

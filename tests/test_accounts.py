@@ -461,3 +461,18 @@ async def test_tls_https_and_wss_with_a_throwaway_certificate(tmp_path: Path) ->
                 await http.get(url + "/api/auth/mode")
     finally:
         server.kill()
+
+
+def test_check_validates_the_accounts_settings_and_hides_the_key(tmp_path: Path) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "CHAT_DATABASE_URL": migrated_sqlite(tmp_path),
+        "CHAT_AUTH": "sometimes",
+        "CHAT_SECRET_KEY": "k" * 40,
+        "CHAT_TLS_CERT": str(tmp_path / "missing.pem"),
+    }
+    done = subprocess.run([sys.executable, "-m", "chatserver", "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "k" * 40 not in done.stdout + done.stderr
+    assert "CHAT_AUTH must be open or accounts" in done.stdout
+    assert "CHAT_TLS_CERT and CHAT_TLS_KEY go together" in done.stdout
