@@ -58,6 +58,9 @@ secrets_table = sa.Table(
 )
 
 _hasher = PasswordHasher()
+# Argon2id's defaults take 64 MiB and tens of milliseconds a hash: a burst of
+# sign-ins must queue, not run 30 at once in the thread pool.
+HASHES_AT_ONCE = 4
 # Verified against when the name is unknown, so that a wrong name costs the
 # same time as a wrong password (no telling which names exist by timing).
 _DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
@@ -100,6 +103,15 @@ class Accounts:
     def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
         self.settings = settings
         self.engine = engine
+        self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
+
+    async def _hash(self, password: str) -> str:
+        async with self._hashing:
+            return await asyncio.to_thread(_hasher.hash, password)
+
+    async def _verify(self, stored: str, password: str) -> None:
+        async with self._hashing:
+            await asyncio.to_thread(_hasher.verify, stored, password)
 
     # -- the signing key -----------------------------------------------------
     async def signing_key(self) -> str:
@@ -129,7 +141,7 @@ class Accounts:
     async def create(self, name: str, password: str) -> Account:
         """Insert the account; IntegrityError if the name is taken. The
         first account is made admin."""
-        password_hash = await asyncio.to_thread(_hasher.hash, password)
+        password_hash = await self._hash(password)
         now = time.time()
         async with self.engine.begin() as conn:
             first = await conn.scalar(sa.select(sa.func.count()).select_from(accounts_table)) == 0
@@ -152,7 +164,7 @@ class Accounts:
             row = (await conn.execute(sa.select(accounts_table).where(accounts_table.c.name == name))).first()
         stored = row.password_hash if row is not None else _DUMMY_HASH
         try:
-            await asyncio.to_thread(_hasher.verify, stored, password)
+            await self._verify(stored, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return None
         if row is None:
@@ -165,7 +177,7 @@ class Accounts:
         await self._set_hash(name, new, revoke_tokens=True)
 
     async def _set_hash(self, name: str, password: str, *, revoke_tokens: bool) -> None:
-        password_hash = await asyncio.to_thread(_hasher.hash, password)
+        password_hash = await self._hash(password)
         values: dict[str, object] = {"password_hash": password_hash}
         if revoke_tokens:
             # Every token issued so far (on any device) stops working; iat has
@@ -221,6 +233,13 @@ class Accounts:
         return int(wait) + 1 if wait else 0
 
     async def failed(self, name: str, address: str) -> None:
+        try:
+            await self._count_failure(name, address)
+        except IntegrityError:
+            # A concurrent failure inserted the same key first: count on it.
+            await self._count_failure(name, address)
+
+    async def _count_failure(self, name: str, address: str) -> None:
         now = time.time()
         window = self.settings.login_failure_window
         async with self.engine.begin() as conn:
