@@ -491,3 +491,24 @@ def test_check_validates_the_accounts_settings_and_hides_the_key(tmp_path: Path)
     assert "k" * 40 not in done.stdout + done.stderr
     assert "CHAT_AUTH must be open or accounts" in done.stdout
     assert "CHAT_TLS_CERT and CHAT_TLS_KEY go together" in done.stdout
+
+
+@pytest.mark.postgres
+async def test_accounts_on_postgresql(pg_url: str) -> None:
+    settings = settings_for(pg_url, auth_mode="accounts", login_failures_per_account=3)
+    async with running_server(settings) as server:
+        await register(server.url, "alice")
+        await register(server.url, "bob")
+        body = {"name": "bob", "password": "guess number"}
+        answers = await asyncio.gather(*(api(server.url, "POST", "/api/sessions", body) for _ in range(10)))
+        # Concurrent transactions on one counter row still count every guess.
+        assert sorted(status for status, _, _ in answers) == [401] * 3 + [429] * 7
+        admin = await signed_in_client(server.url, "alice")
+        try:
+            assert (await admin.call("login", "alice"))["name"] == "alice"
+            ack = await admin.call("ban", {"name": "bob", "seconds": 60})
+            assert ack["ok"], ack
+        finally:
+            await admin.disconnect()
+    kinds = [(e.stream, e.version, e.type) for e in await log_of(pg_url) if e.stream.startswith("account-")]
+    assert kinds == [("account-alice", 1, "AccountCreated"), ("account-bob", 1, "AccountCreated"), ("account-bob", 2, "UserBanned")]
