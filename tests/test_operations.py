@@ -150,15 +150,15 @@ async def test_readyz_is_503_with_the_reason_when_the_schema_is_not_at_head(
 
 
 def test_the_head_revision_is_read_from_the_migrations_folder(tmp_path: Path) -> None:
-    assert head_revision() == "0006"
+    assert head_revision() == "0007"
     for path in (ROOT / "migrations" / "versions").glob("*.py"):
         (tmp_path / path.name).write_text(path.read_text())
     # What another branch's migration looks like: the head moves with it.
-    (tmp_path / "0007_more.py").write_text(
-        '"""More.\n\nRevision ID: 0007\nRevises: 0006\n"""\n'
-        'revision: str = "0007"\ndown_revision: str | None = "0006"\n'
+    (tmp_path / "0008_more.py").write_text(
+        '"""More.\n\nRevision ID: 0008\nRevises: 0007\n"""\n'
+        'revision: str = "0008"\ndown_revision: str | None = "0007"\n'
     )
-    assert head_revision(tmp_path) == "0007"
+    assert head_revision(tmp_path) == "0008"
 
 
 def _pg_ctl(pg: Postgres, *args: str) -> None:
@@ -462,7 +462,7 @@ def test_check_fails_on_a_missing_or_unmigrated_database_and_creates_nothing(tmp
     with contextlib.closing(sqlite3.connect(tmp_path / "behind.db")) as db, db:
         db.execute("UPDATE alembic_version SET version_num = '0001'")
     result = run_check(CHAT_DATABASE_URL=behind)
-    assert result.returncode == 1 and "at revision 0001, not 0006" in result.stdout, result.stdout
+    assert result.returncode == 1 and "at revision 0001, not 0007" in result.stdout, result.stdout
 
 
 @pytest.mark.postgres
