@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
 import threading
 import time
@@ -93,6 +94,39 @@ async def _bound_shutdown(timeout: float, _app: web.Application) -> None:
     timer.start()
 
 
+async def _make_admin(settings: Settings, name: str) -> int:
+    from .accounts import Accounts
+    from .domain import NameBad, check_name
+
+    await _preflight(settings)
+    try:
+        name = check_name(name)
+    except NameBad as exc:
+        print(f"chatserver: {exc.message}", file=sys.stderr)
+        return 1
+    engine = create_engine(settings.database_url, writer=True)
+    try:
+        found = await Accounts(settings, engine).make_admin(name)
+    finally:
+        await engine.dispose()
+    if not found:
+        print(f"chatserver: there is no account {name!r}", file=sys.stderr)
+        return 1
+    print(f"{name} is an admin")
+    return 0
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """CHAT_TLS_CERT/CHAT_TLS_KEY: HTTPS and WSS on the same port (the
+    default server context: TLS 1.2 and later, the system's ciphers)."""
+    if not settings.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chatserver",
@@ -103,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         "command",
         nargs="?",
         default="serve",
-        choices=["serve", "rebuild-projections", "check"],
+        choices=["serve", "rebuild-projections", "check", "make-admin"],
         help="serve (default); rebuild-projections: refold online_users and resume_tokens "
         "from position 0 and rewrite the rows that differ (safe while servers run); "
-        "check: validate the settings and the database",
+        "check: validate the settings and the database; make-admin NAME: make an "
+        "account an admin (accounts mode)",
     )
+    parser.add_argument("name", nargs="?", help="the account, for make-admin")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     if args.command == "check":
@@ -129,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "rebuild-projections":
             return loop.run_until_complete(_rebuild(settings))
+        if args.command == "make-admin":
+            if not args.name:
+                print("chatserver: make-admin needs the account's name", file=sys.stderr)
+                return 2
+            return loop.run_until_complete(_make_admin(settings, args.name))
         loop.run_until_complete(_preflight(settings))
     except (DatabaseNotMigrated, DatabaseUnavailable) as exc:
         print(f"chatserver: {exc}", file=sys.stderr)
@@ -138,8 +179,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from .check import redacted
 
+    try:
+        ssl_context = _tls_context(settings)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"chatserver: cannot load CHAT_TLS_CERT/CHAT_TLS_KEY: {exc}", file=sys.stderr)
+        return 2
     logging.getLogger("chatserver").info(
-        "chatserver on http://%s:%d (%s)", settings.host, settings.port, redacted(settings.database_url)
+        "chatserver on %s://%s:%d (%s, %s mode)",
+        "https" if ssl_context else "http",
+        settings.host,
+        settings.port,
+        redacted(settings.database_url),
+        settings.auth_mode,
     )
     app = create_app(settings)
     # First among the shutdown hooks: the bound covers all of them.
@@ -151,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             port=settings.port,
             loop=loop,
             print=None,
+            ssl_context=ssl_context,
             access_log_class=AccessLogger,
             shutdown_timeout=settings.shutdown_timeout,
         )

@@ -16,7 +16,10 @@ import socketio
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .accounts import Accounts
+from .auth import AUTH_KEY, AuthRoutes, Tokens, setup_auth_routes
 from .config import Settings
+from .moderation import Moderation
 from .database import check_migrated, create_engine
 from .events import StoredEvent
 from .fanout import FanoutManager, FanoutPublisher, FanoutServer
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     sio.attach(app)
     _setup_operations(app, settings, sio)
     setup_upload_routes(app)
+    setup_auth_routes(app, settings)
     setup_routes(app, settings)  # last: it ends with the index fallback
     app.cleanup_ctx.append(_chat_ctx)
     app.on_shutdown.append(_close_connections)
@@ -155,7 +159,16 @@ async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
         service = ChatService(settings, store, writer_factory, publisher)
         app[LAG].applied = lambda: service.delivery.applied
         await service.start(writer_engine)
-        SocketHandlers(settings, service.commands).register(sio)
+        tokens = moderation = None
+        if settings.auth_mode == "accounts":
+            accounts = Accounts(settings, writer_engine)
+            tokens = Tokens(settings, accounts, await accounts.signing_key())
+            moderation = Moderation(accounts, store, service.writer.submit)
+        handlers = SocketHandlers(settings, service.commands, tokens, moderation)
+        handlers.register(sio)
+        if tokens is not None:
+            service.moderated = handlers.moderated
+            app[AUTH_KEY] = AuthRoutes(settings, tokens.accounts, tokens, service.writer.submit, handlers.revoked)
         uploads = _uploads(settings, store, service)
         service.commands.uploads = uploads
         app[UPLOADS_KEY] = uploads

@@ -67,7 +67,21 @@ def validate(settings: Settings) -> tuple[list[str], list[str]]:
         "CHAT_UPLOAD_TOKEN_TTL": s.upload_token_ttl,
         "CHAT_UPLOAD_UNPOSTED_TTL": s.upload_unposted_ttl,
         "CHAT_UPLOAD_MAX_PIXELS": s.upload_max_pixels,
+        "CHAT_TOKEN_TTL": s.token_ttl,
+        "CHAT_LOGIN_FAILURES_PER_ACCOUNT": s.login_failures_per_account,
+        "CHAT_LOGIN_FAILURES_PER_ADDRESS": s.login_failures_per_address,
+        "CHAT_LOGIN_FAILURE_WINDOW": s.login_failure_window,
     }
+    if s.auth_mode not in ("open", "accounts"):
+        problems.append(f"CHAT_AUTH must be open or accounts, got {s.auth_mode!r}")
+    if s.secret_key and len(s.secret_key.encode()) < 32:
+        # HS256 with a short key can be brute-forced offline from one token.
+        problems.append("CHAT_SECRET_KEY must be at least 32 bytes")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        problems.append("CHAT_TLS_CERT and CHAT_TLS_KEY go together: set both or neither")
+    for key, path in (("CHAT_TLS_CERT", s.tls_cert), ("CHAT_TLS_KEY", s.tls_key)):
+        if path and not Path(path).is_file():
+            problems.append(f"{key}: no such file {path!r}")
     for key, value in positive.items():
         if not value > 0:
             problems.append(f"{key} must be positive, got {value}")
@@ -140,6 +154,9 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
         value = getattr(settings, field.name)
         if field.name == "database_url" and value:
             value = redacted(value)
+        if field.name == "secret_key":
+            # A signing key printed is a key leaked (terminals, CI logs).
+            value = "(set)" if value else "(unset: generated into the database)"
         print(f"  {field.name} = {value}", file=out)
     if not any(p.startswith("CHAT_DATABASE_URL") for p in problems):
         db_problems, facts = asyncio.run(check_database(settings))

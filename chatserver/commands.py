@@ -272,7 +272,9 @@ class Commands:
             raise domain.ServerFailed(f"the previous session of {name} is still closing; try again") from None
         self.sessions.check_can_claim(sid)
 
-    async def resume(self, sid: str, token: object, last_position: object) -> StoredEvent:
+    async def resume(
+        self, sid: str, token: object, last_position: object, *, account: str | None = None
+    ) -> StoredEvent:
         """Come back under the name a resume token was issued for.
 
         The socket then receives every visible event after ``last_position``,
@@ -285,6 +287,9 @@ class Commands:
         grant = await projections.find_grant(self.store.engine, token_hash)
         if grant is None:
             raise domain.ResumeRefused("invalid_token", "the resume token is unknown or was superseded by a newer login")
+        if account is not None and grant.name != account:
+            # Accounts mode: a resume token is good only for its own account.
+            raise domain.ResumeRefused("invalid_token", "the resume token belongs to another account")
         if datetime.now(UTC) > grant.issued_at + timedelta(seconds=self.settings.resume_ttl_seconds):
             raise domain.ResumeRefused("expired_token", "the resume token has expired")
         head_position = await self.store.head()

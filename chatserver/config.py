@@ -135,6 +135,20 @@ class Settings:
     # Largest image (width x height) the server decodes for a thumbnail;
     # a larger one is refused (a decompression bomb, or near enough).
     upload_max_pixels: int = 40_000_000
+    # Accounts (see README, Accounts and TLS). "open": anyone takes a free
+    # name, as the seed did; "accounts": a socket needs a signed token.
+    auth_mode: str = "open"
+    # HS256 key for access tokens; empty: one generated into the database.
+    secret_key: str = ""
+    token_ttl: int = 15 * 60  # seconds an access token lives
+    # Failed sign-ins counted per account and per address over a window;
+    # past the count, sign-in is refused (429) until the window ends.
+    login_failures_per_account: int = 10
+    login_failures_per_address: int = 50
+    login_failure_window: int = 15 * 60
+    # Serve HTTPS and WSS directly (both or neither).
+    tls_cert: str = ""
+    tls_key: str = ""
 
     @property
     def node_name(self) -> str:
@@ -201,4 +215,16 @@ class Settings:
             upload_token_ttl=_int(env, "CHAT_UPLOAD_TOKEN_TTL", defaults.upload_token_ttl),
             upload_unposted_ttl=_float(env, "CHAT_UPLOAD_UNPOSTED_TTL", defaults.upload_unposted_ttl),
             upload_max_pixels=_int(env, "CHAT_UPLOAD_MAX_PIXELS", defaults.upload_max_pixels),
+            auth_mode=(env.get("CHAT_AUTH") or defaults.auth_mode).lower(),
+            secret_key=env.get("CHAT_SECRET_KEY") or defaults.secret_key,
+            token_ttl=_int(env, "CHAT_TOKEN_TTL", defaults.token_ttl),
+            login_failures_per_account=_int(
+                env, "CHAT_LOGIN_FAILURES_PER_ACCOUNT", defaults.login_failures_per_account
+            ),
+            login_failures_per_address=_int(
+                env, "CHAT_LOGIN_FAILURES_PER_ADDRESS", defaults.login_failures_per_address
+            ),
+            login_failure_window=_int(env, "CHAT_LOGIN_FAILURE_WINDOW", defaults.login_failure_window),
+            tls_cert=env.get("CHAT_TLS_CERT") or defaults.tls_cert,
+            tls_key=env.get("CHAT_TLS_KEY") or defaults.tls_key,
         )

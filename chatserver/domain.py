@@ -115,6 +115,12 @@ class NoSuchUser(DomainError):
     code = "no_such_user"
 
 
+class NotAllowed(DomainError):
+    """Moderation by someone who is not an admin (or in open mode)."""
+
+    code = "not_allowed"
+
+
 class CannotLeaveLobby(DomainError):
     code = "cannot_leave_lobby"
 

@@ -105,6 +105,38 @@ class ConversationRead:
     peer: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class AccountCreated:
+    """An account was registered (accounts mode): the name belongs to
+    someone. Its stream is ``account-<name>`` and this is its version 1, so
+    the log's uniqueness constraint registers a name once. The password hash
+    lives in the accounts table, never here."""
+
+    type: ClassVar[str] = "AccountCreated"
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserKicked:
+    """An admin (``by``) ended ``name``'s session."""
+
+    type: ClassVar[str] = "UserKicked"
+    name: str
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserBanned:
+    """An admin (``by``) banned ``name`` for ``seconds``, until ``until``
+    (ISO 8601, UTC); a ban also ends the user's session."""
+
+    type: ClassVar[str] = "UserBanned"
+    name: str
+    by: str
+    seconds: int
+    until: str
+
+
 DomainEvent = (
     UserLoggedIn
     | UserJoined
@@ -115,6 +147,9 @@ DomainEvent = (
     | RoomLeft
     | PrivateMessageSent
     | ConversationRead
+    | AccountCreated
+    | UserKicked
+    | UserBanned
 )
 
 EVENT_TYPES: dict[str, type[DomainEvent]] = {
@@ -129,6 +164,9 @@ EVENT_TYPES: dict[str, type[DomainEvent]] = {
         RoomLeft,
         PrivateMessageSent,
         ConversationRead,
+        AccountCreated,
+        UserKicked,
+        UserBanned,
     )
 }
 
@@ -143,6 +181,9 @@ TYPE_ALIASES: dict[str, str] = {
     "room-leave": RoomLeft.type,
     "private": PrivateMessageSent.type,
     "read": ConversationRead.type,
+    "account": AccountCreated.type,
+    "kick": UserKicked.type,
+    "ban": UserBanned.type,
 }
 
 # Reasons recorded on UserLeft.
@@ -171,6 +212,10 @@ SHOWN_TYPES: tuple[str, ...] = (
 
 def user_stream(name: str) -> str:
     return f"user-{name}"
+
+
+def account_stream(name: str) -> str:
+    return f"account-{name}"
 
 
 @functools.lru_cache(maxsize=4096)

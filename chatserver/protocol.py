@@ -47,6 +47,11 @@ LIST_ROOMS = "listRooms"
 ROOM_MEMBERS = "roomMembers"
 MARK_READ = "markRead"
 UPLOAD_TOKEN = "uploadToken"
+# Moderation (accounts mode, admins only).
+KICK = "kick"
+BAN = "ban"
+# Accounts mode: hand a live socket a newer token of the same account.
+REAUTH = "reauth"
 # CONVERSATIONS is also a client request (answered by ack).
 
 # server -> client (extensions)

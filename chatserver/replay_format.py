@@ -22,6 +22,9 @@ import orjson
 
 from .events import (
     EVENT_TYPES,
+    AccountCreated,
+    UserBanned,
+    UserKicked,
     LOBBY,
     ConversationRead,
     MessagePosted,
@@ -217,6 +220,17 @@ class TextRenderer:
                 what = f" the conversation with {_name(peer)}" if peer else ""
                 reader = _name(payload["name"])
                 return head + self._paint(_OTHER, f"{where}* {reader} read{what} up to {_name(payload['position'])}") + "\n"
+            if type_ == AccountCreated.type:
+                return head + self._paint(_OTHER, f"* account {_name(payload['name'])} created") + "\n"
+            if type_ == UserKicked.type:
+                line = f"* {_name(payload['name'])} was kicked by {_name(payload['by'])}"
+                return head + self._paint(_LEFT, line) + "\n"
+            if type_ == UserBanned.type:
+                line = (
+                    f"* {_name(payload['name'])} was banned by {_name(payload['by'])} "
+                    f"for {_name(payload['seconds'])} s (until {_name(payload['until'])})"
+                )
+                return head + self._paint(_LEFT, line) + "\n"
             if type_ == UserLoggedIn.type:
                 verb = "resumed" if payload.get("resumed") else "logged in"
                 details = f"node {_name(payload.get('node'))}, session {_name(payload.get('session'))}"

@@ -83,6 +83,8 @@ class ChatService:
         self._reconciler: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.lease: NodeLease | None = None
+        # Accounts mode: kicks and bans as every process applies them.
+        self.moderated: Callable[[StoredEvent], None] = lambda _stored: None
 
     @property
     def online(self) -> projections.OnlineUsers:
@@ -215,6 +217,7 @@ class ChatService:
         (and its chats would fail on their version anyway)."""
         event = stored.event
         if not isinstance(event, UserLoggedIn):
+            self.moderated(stored)
             return
         holder = self.sessions.holder(event.name)
         if (

@@ -10,28 +10,34 @@ message}``. Successful commands acknowledge ``{ok: true, position, ...}``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import socketio
+from socketio.exceptions import ConnectionRefusedError
 
 from . import protocol
+from .auth import Claims, Tokens, TokenRefused
 from .commands import Commands
 from .config import Settings
 from .database import DatabaseUnavailable
-from .events import LOBBY, RoomCreated, RoomJoined, RoomLeft
+from .events import LOBBY, RoomCreated, RoomJoined, RoomLeft, StoredEvent, UserBanned, UserKicked
 from .domain import (
     BadPayload,
     DomainError,
     NameBad,
     NameTaken,
+    NotAllowed,
+    NotLoggedIn,
     RateLimited,
     ServerFailed,
 )
 from .logs import Throttle
 from .metrics import STATS
+from .moderation import Moderation
 from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -126,16 +132,33 @@ class SocketIOPublisher:
 
 
 class SocketHandlers:
-    def __init__(self, settings: Settings, service: Commands) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        service: Commands,
+        tokens: Tokens | None = None,
+        moderation: Moderation | None = None,
+    ) -> None:
         self.settings = settings
         self.service = service
+        # Accounts mode: every socket's token claims, and the timer that
+        # ends the socket when its token expires.
+        self.tokens = tokens
+        self.moderation = moderation
+        self._claims: dict[str, Claims] = {}
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self.sio: socketio.AsyncServer | None = None
         self._buckets: dict[str, TokenBucket] = {}
         self._last_rate_error: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failures = FailureLog(log)
 
     def register(self, sio: socketio.AsyncServer) -> None:
+        self.sio = sio
         sio.on("connect", self.on_connect)
+        sio.on(protocol.KICK, self.on_kick)
+        sio.on(protocol.BAN, self.on_ban)
+        sio.on(protocol.REAUTH, self.on_reauth)
         sio.on("disconnect", self.on_disconnect)
         sio.on(protocol.LOGIN, self.on_login)
         sio.on(protocol.CHAT, self.on_chat)
@@ -151,7 +174,24 @@ class SocketHandlers:
         sio.on(protocol.MARK_READ, self.on_mark_read)
         sio.on(protocol.UPLOAD_TOKEN, self.on_upload_token)
 
+    @property
+    def accounts_mode(self) -> bool:
+        return self.tokens is not None
+
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        if self.tokens is not None:
+            try:
+                claims, _account = await self.tokens.check(auth.get("token") if isinstance(auth, dict) else None)
+            except TokenRefused as exc:
+                # connect_error: message for any client, {message, code} as data.
+                raise ConnectionRefusedError(
+                    exc.message, {"message": exc.message, "code": exc.code}
+                ) from None
+            self._claims[sid] = claims
+            delay = max(0.0, claims.expires - time.time())
+            self._expiry[sid] = asyncio.get_running_loop().call_later(
+                delay, self.end, sid, "token_expired", "the access token expired; sign in again"
+            )
         self._buckets[sid] = TokenBucket(
             self.settings.rate_per_second, self.settings.rate_burst, time.monotonic()
         )
@@ -165,12 +205,23 @@ class SocketHandlers:
             task.add_done_callback(self._tasks.discard)
 
     async def on_disconnect(self, sid: str, *_reason: Any) -> None:
+        timer = self._expiry.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
+        self._claims.pop(sid, None)
         self._buckets.pop(sid, None)
         self._last_rate_error.pop(sid, None)
         self.service.disconnect(sid)
 
     async def on_login(self, sid: str, *args: Any) -> dict[str, Any]:
         name = args[0] if args else None
+        if self.tokens is not None:
+            claims = self._claims.get(sid)
+            if claims is None:
+                # The socket's token just ended (expired, revoked, kicked).
+                return self._refuse(sid, protocol.LOGIN, NotLoggedIn("the socket's token has ended"))
+            # Accounts mode: the name is the account's, whatever was typed.
+            name = claims.name
         try:
             stored = await self._call(sid, protocol.LOGIN, lambda: self.service.login(sid, name))
         except NameBad as exc:
@@ -192,7 +243,9 @@ class SocketHandlers:
             stored = await self._call(
                 sid,
                 protocol.RESUME,
-                lambda: self.service.resume(sid, request.get("token"), request.get("lastPosition")),
+                lambda: self.service.resume(
+                    sid, request.get("token"), request.get("lastPosition"), account=self._account_of(sid)
+                ),
             )
         except DomainError as exc:
             # Every refusal, ResumeRefused or not, sends the client back to login.
@@ -293,6 +346,105 @@ class SocketHandlers:
             return await self.service.upload_token(sid)
 
         return await self._request(sid, protocol.UPLOAD_TOKEN, token)
+
+    # -- accounts mode -------------------------------------------------------------
+    def _account_of(self, sid: str) -> str | None:
+        if self.tokens is None:
+            return None
+        claims = self._claims.get(sid)
+        if claims is None:  # pragma: no cover - the handshake refused it
+            raise BadPayload("no account on this socket")
+        return claims.name
+
+    async def on_kick(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def kick() -> dict[str, Any]:
+            if self.moderation is None:
+                raise NotAllowed("there are no admins in open mode")
+            stored = await self.moderation.kick(self._account_of(sid), self._one(protocol.KICK, args))
+            return {"name": stored.event.name, "position": stored.position}  # type: ignore[union-attr]
+
+        return await self._request(sid, protocol.KICK, kick)
+
+    async def on_ban(self, sid: str, *args: Any) -> dict[str, Any]:
+        async def ban() -> dict[str, Any]:
+            if self.moderation is None:
+                raise NotAllowed("there are no admins in open mode")
+            stored = await self.moderation.ban(self._account_of(sid), self._one(protocol.BAN, args))
+            event = stored.event
+            assert isinstance(event, UserBanned)
+            return {"name": event.name, "until": event.until, "position": stored.position}
+
+        return await self._request(sid, protocol.BAN, ban)
+
+    async def on_reauth(self, sid: str, *args: Any) -> dict[str, Any]:
+        """A newer token (POST /api/sessions/refresh) for a live socket, so a
+        session outlives one token without a reconnect: the socket then ends
+        at the new token's expiry."""
+
+        async def reauth() -> dict[str, Any]:
+            if self.tokens is None:
+                raise NotAllowed("there are no tokens in open mode")
+            request = self._one(protocol.REAUTH, args)
+            current = self._claims.get(sid)
+            try:
+                claims, _account = await self.tokens.check(request.get("token"))
+            except TokenRefused as exc:
+                raise BadPayload(f"{exc.code}: {exc.message}") from None
+            if current is None or claims.name != current.name:
+                raise NotAllowed("the token is another account's")
+            if self._claims.get(sid) is not current:
+                raise NotLoggedIn("the socket's token has ended")
+            self._claims[sid] = claims
+            timer = self._expiry.pop(sid, None)
+            if timer is not None:
+                timer.cancel()
+            self._expiry[sid] = asyncio.get_running_loop().call_later(
+                max(0.0, claims.expires - time.time()), self.end, sid, "token_expired", "the access token expired; sign in again"
+            )
+            return {"expiresIn": max(0, int(claims.expires - time.time()))}
+
+        return await self._request(sid, protocol.REAUTH, reauth)
+
+    def moderated(self, stored: StoredEvent) -> None:
+        """Every process applies kicks and bans from the log: its own
+        sockets of that account end."""
+        event = stored.event
+        if isinstance(event, UserKicked):
+            code, message = "kicked", f"you were kicked by {event.by}"
+        elif isinstance(event, UserBanned):
+            code, message = "banned", f"you were banned by {event.by} until {event.until}"
+        else:
+            return
+        for sid, claims in list(self._claims.items()):
+            if claims.name == event.name:
+                self.end(sid, code, message)
+
+    def revoked(self, jti: str | None, name: str | None) -> None:
+        """A token was revoked (sign-out) or every token of an account was
+        (password change): the sockets using them end now. This process's
+        sockets only; another process's ones end at their token's expiry."""
+        for sid, claims in list(self._claims.items()):
+            if claims.jti == jti or claims.name == name:
+                self.end(sid, "token_revoked", "the access token was revoked; sign in again")
+
+    def end(self, sid: str, code: str, message: str) -> None:
+        """Tell the socket why (protocolError), then disconnect it; its user
+        leaves as on any disconnect."""
+        timer = self._expiry.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
+        if self._claims.pop(sid, None) is None or self.sio is None:
+            return  # already ended
+        sio = self.sio
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await sio.emit(protocol.PROTOCOL_ERROR, {"event": None, "code": code, "message": message}, to=sid)
+            await sio.disconnect(sid)
+
+        task = asyncio.create_task(close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     def _one(event: str, args: tuple[Any, ...], *, optional: bool = False) -> Any:

@@ -43,7 +43,7 @@ async def round_trip(url: str) -> None:
     finally:
         await engine.dispose()
     current = alembic(url, "current")
-    assert "0006 (head)" in current.stdout
+    assert "0007 (head)" in current.stdout
     down = alembic(url, "downgrade", "base")
     assert down.returncode == 0, down.stderr
     assert await tables(url) <= {"alembic_version"}

@@ -1,0 +1,265 @@
+"""Accounts: credentials, revoked tokens, failed-login counters, the signing
+key. This module alone owns the tables of migration 0007.
+
+Passwords are hashed with Argon2id (argon2-cffi's defaults) in a worker
+thread: a hash takes tens of milliseconds of CPU, which would stall every
+socket if done on the event loop. A hash made with older parameters is
+replaced at the next successful sign-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .config import Settings
+
+PASSWORD_MIN_BYTES = 10
+PASSWORD_MAX_BYTES = 256  # Argon2 takes any length; this bounds the work a request costs
+SECRET_NAME = "jwt_hs256"
+
+_meta = sa.MetaData()
+accounts_table = sa.Table(
+    "accounts",
+    _meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("is_admin", sa.Boolean, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("tokens_after", sa.Float, nullable=False),
+    sa.Column("banned_until", sa.Float, nullable=True),
+)
+revoked_table = sa.Table(
+    "revoked_tokens",
+    _meta,
+    sa.Column("jti", sa.String(64), primary_key=True),
+    sa.Column("expires", sa.Float, nullable=False),
+)
+failures_table = sa.Table(
+    "login_failures",
+    _meta,
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("window_start", sa.Float, nullable=False),
+)
+secrets_table = sa.Table(
+    "server_secrets",
+    _meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(255), nullable=False),
+)
+
+_hasher = PasswordHasher()
+# Argon2id's defaults take 64 MiB and tens of milliseconds a hash: a burst of
+# sign-ins must queue, not run 30 at once in the thread pool.
+HASHES_AT_ONCE = 4
+# Verified against when the name is unknown, so that a wrong name costs the
+# same time as a wrong password (no telling which names exist by timing).
+_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+class PasswordBad(ValueError):
+    pass
+
+
+def check_password(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise PasswordBad("the password must be a string")
+    try:
+        size = len(raw.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise PasswordBad("the password is not valid Unicode") from None
+    if not PASSWORD_MIN_BYTES <= size <= PASSWORD_MAX_BYTES:
+        raise PasswordBad(f"the password must be {PASSWORD_MIN_BYTES} to {PASSWORD_MAX_BYTES} bytes (UTF-8)")
+    return raw
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    is_admin: bool
+    tokens_after: float
+    banned_until: float | None
+
+    def banned(self, now: float) -> bool:
+        return self.banned_until is not None and self.banned_until > now
+
+
+def _account(row: sa.Row | None) -> Account | None:
+    if row is None:
+        return None
+    return Account(row.name, bool(row.is_admin), row.tokens_after, row.banned_until)
+
+
+class Accounts:
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._hashing = asyncio.Semaphore(HASHES_AT_ONCE)
+
+    async def _hash(self, password: str) -> str:
+        async with self._hashing:
+            return await asyncio.to_thread(_hasher.hash, password)
+
+    async def _verify(self, stored: str, password: str) -> None:
+        async with self._hashing:
+            await asyncio.to_thread(_hasher.verify, stored, password)
+
+    # -- the signing key -----------------------------------------------------
+    async def signing_key(self) -> str:
+        """CHAT_SECRET_KEY, or the key generated into the database by the
+        first process that needed one (every process on that database then
+        shares it)."""
+        if self.settings.secret_key:
+            return self.settings.secret_key
+        async with self.engine.begin() as conn:
+            value = await conn.scalar(sa.select(secrets_table.c.value).where(secrets_table.c.name == SECRET_NAME))
+        if value is not None:
+            return value
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(secrets_table.insert().values(name=SECRET_NAME, value=secrets.token_urlsafe(48)))
+        except IntegrityError:
+            pass  # another process generated it first: use that one
+        async with self.engine.begin() as conn:
+            return await conn.scalar(sa.select(secrets_table.c.value).where(secrets_table.c.name == SECRET_NAME))
+
+    # -- accounts --------------------------------------------------------------
+    async def get(self, name: str) -> Account | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(accounts_table).where(accounts_table.c.name == name))).first()
+        return _account(row)
+
+    async def create(self, name: str, password: str) -> Account:
+        """Insert the account; IntegrityError if the name is taken. The
+        first account is made admin."""
+        password_hash = await self._hash(password)
+        now = time.time()
+        async with self.engine.begin() as conn:
+            first = await conn.scalar(sa.select(sa.func.count()).select_from(accounts_table)) == 0
+            await conn.execute(
+                accounts_table.insert().values(
+                    name=name, password_hash=password_hash, is_admin=first, created=now, tokens_after=0.0
+                )
+            )
+        return Account(name, first, 0.0, None)
+
+    async def remove(self, name: str) -> None:
+        """Undo a create whose AccountCreated event could not be stored."""
+        async with self.engine.begin() as conn:
+            await conn.execute(accounts_table.delete().where(accounts_table.c.name == name))
+
+    async def verify(self, name: str, password: str) -> Account | None:
+        """The account if the password is right (rehashing it if argon2's
+        parameters changed since), else None."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(accounts_table).where(accounts_table.c.name == name))).first()
+        stored = row.password_hash if row is not None else _DUMMY_HASH
+        try:
+            await self._verify(stored, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return None
+        if row is None:
+            return None
+        if _hasher.check_needs_rehash(stored):
+            await self._set_hash(name, password, revoke_tokens=False)
+        return _account(row)
+
+    async def change_password(self, name: str, new: str) -> None:
+        await self._set_hash(name, new, revoke_tokens=True)
+
+    async def _set_hash(self, name: str, password: str, *, revoke_tokens: bool) -> None:
+        password_hash = await self._hash(password)
+        values: dict[str, object] = {"password_hash": password_hash}
+        if revoke_tokens:
+            # Every token issued so far (on any device) stops working; iat has
+            # whole seconds, so "after" is compared at that precision.
+            values["tokens_after"] = float(int(time.time()))
+        async with self.engine.begin() as conn:
+            await conn.execute(accounts_table.update().where(accounts_table.c.name == name).values(**values))
+
+    async def make_admin(self, name: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                accounts_table.update().where(accounts_table.c.name == name).values(is_admin=True)
+            )
+        return result.rowcount == 1
+
+    async def ban(self, name: str, until: float) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(accounts_table.update().where(accounts_table.c.name == name).values(banned_until=until))
+
+    # -- revoked tokens ----------------------------------------------------------
+    async def revoke(self, jti: str, expires: float) -> None:
+        now = time.time()
+        async with self.engine.begin() as conn:
+            # Rows of tokens that have expired anyway are no longer needed.
+            await conn.execute(revoked_table.delete().where(revoked_table.c.expires < now))
+            exists = await conn.scalar(sa.select(revoked_table.c.jti).where(revoked_table.c.jti == jti))
+            if exists is None:
+                await conn.execute(revoked_table.insert().values(jti=jti, expires=expires))
+
+    async def is_revoked(self, jti: str) -> bool:
+        async with self.engine.connect() as conn:
+            return await conn.scalar(sa.select(revoked_table.c.jti).where(revoked_table.c.jti == jti)) is not None
+
+    # -- brute force -------------------------------------------------------------
+    def _limits(self, name: str, address: str) -> list[tuple[str, int]]:
+        s = self.settings
+        return [(f"account:{name}", s.login_failures_per_account), (f"address:{address}", s.login_failures_per_address)]
+
+    async def retry_after(self, name: str, address: str) -> int:
+        """Seconds until sign-in may be tried again for this name or from
+        this address (0: now). Kept in the database: a restart does not
+        hand an attacker a fresh budget."""
+        now = time.time()
+        window = self.settings.login_failure_window
+        keys = dict(self._limits(name, address))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(failures_table).where(failures_table.c.key.in_(keys)))).all()
+        wait = 0.0
+        for row in rows:
+            ends = row.window_start + window
+            if row.failures >= keys[row.key] and ends > now:
+                wait = max(wait, ends - now)
+        return int(wait) + 1 if wait else 0
+
+    async def failed(self, name: str, address: str) -> None:
+        try:
+            await self._count_failure(name, address)
+        except IntegrityError:
+            # A concurrent failure inserted the same key first: count on it.
+            await self._count_failure(name, address)
+
+    async def _count_failure(self, name: str, address: str) -> None:
+        now = time.time()
+        window = self.settings.login_failure_window
+        async with self.engine.begin() as conn:
+            for key, _limit in self._limits(name, address):
+                row = (await conn.execute(sa.select(failures_table).where(failures_table.c.key == key))).first()
+                if row is None:
+                    await conn.execute(failures_table.insert().values(key=key, failures=1, window_start=now))
+                elif row.window_start + window <= now:
+                    await conn.execute(
+                        failures_table.update().where(failures_table.c.key == key).values(failures=1, window_start=now)
+                    )
+                else:
+                    await conn.execute(
+                        failures_table.update()
+                        .where(failures_table.c.key == key)
+                        .values(failures=failures_table.c.failures + 1)
+                    )
+
+    async def succeeded(self, name: str) -> None:
+        # The account's count starts again; the address's does not (one
+        # address guessing at many accounts stays limited).
+        async with self.engine.begin() as conn:
+            await conn.execute(failures_table.delete().where(failures_table.c.key == f"account:{name}"))
