@@ -1086,7 +1086,7 @@ def test_accounts_register_sign_in_chat_sign_out(new_page: PageFactory, servers:
     expect(alice.locator("#accountName")).to_have_value("alice")
     sign_in(alice, "alice", PASSWORD)
     assert stored_session(alice)["token"] != first["token"]
-    expect_users(bob, ["alice", "bob"])
+    expect_users(bob, ["bob", "alice"])  # join order: she joined again after Bob
     send(alice, "signed in for real")
     expect_chat(bob, "alice", "signed in for real")
     expect_chat(alice, "alice", "signed in for real")
@@ -1159,3 +1159,6 @@ def test_accounts_token_refreshed_before_expiry(new_page: PageFactory, servers: 
     send(page, "still here")
     expect_chat(page, "erin", "still here")
     expect_signed_in(page, "erin")
+    # The live connection took each new token (reauth): the session never
+    # ended, so she never left; no "Connection lost.", no reconnect.
+    assert notices(page) == ["erin joined room."], notices(page)

@@ -39,6 +39,9 @@
   // after a failed try: a refresh needs a token that is still valid.
   var REFRESH_LEFT = 0.25;
   var REFRESH_RETRY_MS = 5000;
+  // A refreshed token with at least this much life left is worth a reconnect
+  // when the connection's older token runs out (its `exp` is whole seconds).
+  var FRESH_ENOUGH_MS = 1500;
 
   // Why the sign-in form is shown again, by the server's code (connect_error
   // data or protocolError).
@@ -47,6 +50,7 @@
     invalid_token: 'Your session is no longer valid: sign in again.',
     expired_token: 'Your session has expired: sign in again.',
     token_expired: 'Your session has expired: sign in again.',
+    token_revoked: 'You were signed out: sign in again.',
     kicked: 'You were removed from the chat by a moderator.',
     banned: 'This account is banned from the chat.'
   };
@@ -231,12 +235,29 @@
             self.session = fresh;
             ChatApp.auth.store.set(fresh);
             self.scheduleRefresh();
+            self.handOver(fresh);
           } else if (error.status === 401) {
             self.endSession(SESSION_ENDS.invalid_token); // revoked, or expired already
           } else if (session.expiresAt - Date.now() > REFRESH_RETRY_MS) {
             self.scheduleRefresh(REFRESH_RETRY_MS); // server unreachable for now
           }
         });
+      });
+    };
+
+    // Give the live connection the refreshed token (`reauth`), else the
+    // server ends it when the token it connected with runs out. If that is
+    // refused or not answered, the page reconnects with the new token then
+    // (see token_expired below): the session resumes, but its user is seen
+    // leaving and joining again.
+    self.handOver = function (fresh) {
+      if (!self.me || !self.chatClient.connected()) {
+        return; // the next connection's handshake carries it
+      }
+      self.chatClient.reauth(fresh.token, function (error) {
+        if (error && window.console) {
+          window.console.warn('the server did not take the refreshed token', error.code, error.message);
+        }
       });
     };
 
@@ -925,7 +946,7 @@
 
     self.appEventBus.on('protocolError', function (error) {
       if (self.mode === 'accounts' && error.code === 'token_expired' && self.session &&
-          self.session.expiresAt - Date.now() > REFRESH_RETRY_MS) {
+          self.session.expiresAt - Date.now() > FRESH_ENOUGH_MS) {
         // The connection's token ran out but a refreshed one is here: the
         // server closes this connection; open a new one with the new token.
         self.reconnectWhenStopped = true;

@@ -119,6 +119,12 @@
       });
     },
 
+    // Accounts mode: hand the connection a refreshed access token, so the
+    // session outlives the token it connected with. cb(error, {expiresIn}).
+    reauth: function (token, cb) {
+      this.request('reauth', [{ token: token }], cb);
+    },
+
     requestOnlineUsers: function () {
       this.socket.emit('onlineUsers');
     },
