@@ -1162,3 +1162,33 @@ def test_accounts_token_refreshed_before_expiry(new_page: PageFactory, servers: 
     # The live connection took each new token (reauth): the session never
     # ended, so she never left; no "Connection lost.", no reconnect.
     assert notices(page) == ["erin joined room."], notices(page)
+
+
+def test_accounts_kicked_and_banned_back_to_the_form(new_page: PageFactory, servers: Servers) -> None:
+    """The first account is an admin. A kick ends the other's session (the
+    form says why, and signing in again works); a ban ends it too, and the
+    banned account's token is then refused at the handshake (connect_error
+    `banned`) and its sign-in answered with the ban."""
+    server = servers.start(CHAT_AUTH="accounts")
+    admin = new_page(server, ready=SIGN_IN_FORM)
+    register(admin, "boss", PASSWORD)
+    bob = new_page(server, ready=SIGN_IN_FORM)
+    register(bob, "bob", PASSWORD)
+    expect_users(admin, ["boss", "bob"])
+
+    assert request(admin, "kick", {"name": "bob"})["ok"] is True
+    expect_account_form(bob, "You were removed from the chat by a moderator.")
+    assert stored_session(bob) is None
+    expect_users(admin, ["boss"])
+    sign_in(bob, "bob", PASSWORD)
+    kept = stored_session(bob)
+
+    assert request(admin, "ban", {"name": "bob", "seconds": 600})["ok"] is True
+    expect_account_form(bob, "This account is banned from the chat.")
+
+    # The token he had, put back and used for a handshake: refused as banned.
+    bob.evaluate("s => sessionStorage.setItem('chat.session', JSON.stringify(s))", kept)
+    bob.reload()
+    expect_account_form(bob, "This account is banned from the chat. (bob is banned)")
+    submit_account_form(bob, "bob", PASSWORD, registering=False)
+    expect(bob.locator("#accountError")).to_have_text("bob is banned")
