@@ -216,50 +216,51 @@ class Accounts:
         s = self.settings
         return [(f"account:{name}", s.login_failures_per_account), (f"address:{address}", s.login_failures_per_address)]
 
-    async def retry_after(self, name: str, address: str) -> int:
-        """Seconds until sign-in may be tried again for this name or from
-        this address (0: now). Kept in the database: a restart does not
-        hand an attacker a fresh budget."""
-        now = time.time()
-        window = self.settings.login_failure_window
-        keys = dict(self._limits(name, address))
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(sa.select(failures_table).where(failures_table.c.key.in_(keys)))).all()
-        wait = 0.0
-        for row in rows:
-            ends = row.window_start + window
-            if row.failures >= keys[row.key] and ends > now:
-                wait = max(wait, ends - now)
-        return int(wait) + 1 if wait else 0
-
-    async def failed(self, name: str, address: str) -> None:
+    async def attempt(self, name: str, address: str) -> int:
+        """Count a sign-in attempt as a failure before the password is
+        checked (so that a thousand guesses sent at once are counted before
+        any is verified), and say how many seconds until sign-in may be
+        tried again for this name or from this address (0: go ahead).
+        Kept in the database: a restart gives an attacker no fresh budget."""
         try:
-            await self._count_failure(name, address)
+            return await self._attempt(name, address)
         except IntegrityError:
-            # A concurrent failure inserted the same key first: count on it.
-            await self._count_failure(name, address)
+            # A concurrent attempt inserted the same key first: count on it.
+            return await self._attempt(name, address)
 
-    async def _count_failure(self, name: str, address: str) -> None:
+    async def _attempt(self, name: str, address: str) -> int:
         now = time.time()
         window = self.settings.login_failure_window
+        wait = 0.0
+        key_col = failures_table.c.key
         async with self.engine.begin() as conn:
-            for key, _limit in self._limits(name, address):
-                row = (await conn.execute(sa.select(failures_table).where(failures_table.c.key == key))).first()
-                if row is None:
-                    await conn.execute(failures_table.insert().values(key=key, failures=1, window_start=now))
-                elif row.window_start + window <= now:
-                    await conn.execute(
-                        failures_table.update().where(failures_table.c.key == key).values(failures=1, window_start=now)
+            for key, limit in self._limits(name, address):
+                # Updates first: on PostgreSQL each takes the row's lock, so
+                # concurrent attempts count one after another.
+                fresh = await conn.execute(
+                    failures_table.update()
+                    .where(key_col == key, failures_table.c.window_start + window <= now)
+                    .values(failures=1, window_start=now)
+                )
+                if fresh.rowcount == 0:
+                    more = await conn.execute(
+                        failures_table.update().where(key_col == key).values(failures=failures_table.c.failures + 1)
                     )
-                else:
-                    await conn.execute(
-                        failures_table.update()
-                        .where(failures_table.c.key == key)
-                        .values(failures=failures_table.c.failures + 1)
-                    )
+                    if more.rowcount == 0:
+                        await conn.execute(failures_table.insert().values(key=key, failures=1, window_start=now))
+                row = (await conn.execute(sa.select(failures_table).where(key_col == key))).one()
+                if row.failures > limit:
+                    wait = max(wait, row.window_start + window - now)
+        return int(wait) + 1 if wait > 0 else 0
 
-    async def succeeded(self, name: str) -> None:
-        # The account's count starts again; the address's does not (one
-        # address guessing at many accounts stays limited).
+    async def succeeded(self, name: str, address: str) -> None:
+        """The password was right: the attempt was no failure. The account's
+        count starts again; the address's loses this one attempt only (one
+        address guessing at many accounts stays limited)."""
         async with self.engine.begin() as conn:
             await conn.execute(failures_table.delete().where(failures_table.c.key == f"account:{name}"))
+            await conn.execute(
+                failures_table.update()
+                .where(failures_table.c.key == f"address:{address}", failures_table.c.failures > 0)
+                .values(failures=failures_table.c.failures - 1)
+            )

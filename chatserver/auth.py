@@ -188,7 +188,7 @@ class AuthRoutes:
             name = domain.check_name(name)
         except domain.NameBad:
             raise _error(web.HTTPUnauthorized, "bad_credentials", "wrong name or password") from None
-        wait = await self.accounts.retry_after(name, address)
+        wait = await self.accounts.attempt(name, address)
         if wait:
             raise _error(
                 web.HTTPTooManyRequests, "rate_limited", f"too many failed sign-ins; try again in {wait} s",
@@ -199,9 +199,8 @@ class AuthRoutes:
         else:
             account = await self.accounts.verify(name, password)
         if account is None:
-            await self.accounts.failed(name, address)
             raise _error(web.HTTPUnauthorized, "bad_credentials", "wrong name or password")
-        await self.accounts.succeeded(name)
+        await self.accounts.succeeded(name, address)
         if account.banned(time.time()):
             raise _error(web.HTTPForbidden, "banned", f"{name} is banned")
         token, ttl = self.tokens.issue(name)

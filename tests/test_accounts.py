@@ -294,12 +294,27 @@ async def test_failed_sign_ins_are_limited_per_account_and_survive_a_restart(tmp
 async def test_failed_sign_ins_are_limited_per_address(db_url: str) -> None:
     settings = settings_for(db_url, auth_mode="accounts", login_failures_per_address=4)
     async with running_server(settings) as server:
+        await register(server.url, "alice")
+        # Successful sign-ins are no failures: they leave the address's budget as it was.
+        for _ in range(5):
+            await sign_in(server.url, "alice")
         # One address trying many names.
         statuses = []
         for i in range(6):
             status, _, _ = await api(server.url, "POST", "/api/sessions", {"name": f"user{i}", "password": PASSWORD})
             statuses.append(status)
         assert statuses == [401] * 4 + [429] * 2
+
+
+async def test_a_burst_of_guesses_is_counted_before_any_is_checked(db_url: str) -> None:
+    settings = settings_for(db_url, auth_mode="accounts", login_failures_per_account=3)
+    async with running_server(settings) as server:
+        await register(server.url, "alice")
+        body = {"name": "alice", "password": "guess number"}
+        answers = await asyncio.gather(*(api(server.url, "POST", "/api/sessions", body) for _ in range(12)))
+        statuses = sorted(status for status, _, _ in answers)
+        # Sent at once, the guesses still get only the limit's worth of checks.
+        assert statuses == [401] * 3 + [429] * 9
 
 
 # -- resume ------------------------------------------------------------------------------
