@@ -325,3 +325,71 @@ def fetch(page: Page, url: str) -> dict[str, Any]:
         }""",
         url,
     )
+
+
+# -- accounts mode (issue 13) ----------------------------------------------------
+
+
+def expect_signed_in(page: Page, name: str) -> None:
+    """The lobby is shown, logged in as the account `name`."""
+    wait_until(
+        page,
+        "name => document.querySelector('#chatInput') !== null &&"
+        " document.querySelector('#status .conn-name')?.textContent === 'as ' + name",
+        name,
+        lambda: page.inner_text("body"),
+    )
+
+
+def submit_account_form(page: Page, name: str, password: str, *, registering: bool) -> None:
+    """Fill and send the sign-in form, or the register form (switched to first)."""
+    if (page.inner_text("#accountSubmit").strip() == "Register") != registering:
+        page.click("#accountSwitch")
+    expect(page.locator("#accountSubmit")).to_have_text("Register" if registering else "Sign in")
+    page.fill("#accountName", name)
+    page.fill("#accountPassword", password)
+    page.click("#accountSubmit")
+
+
+def register(page: Page, name: str, password: str) -> None:
+    """Register on the form; the page then signs in with it."""
+    submit_account_form(page, name, password, registering=True)
+    expect_signed_in(page, name)
+
+
+def sign_in(page: Page, name: str, password: str) -> None:
+    submit_account_form(page, name, password, registering=False)
+    expect_signed_in(page, name)
+
+
+def expect_account_form(page: Page, notice: str = "") -> None:
+    """The sign-in form is shown (with `notice` above it, or none) and the
+    status says nobody is signed in."""
+    expect(page.locator("#accountForm")).to_be_visible()
+    expect(page.locator("#status .conn-text")).to_have_text("Not signed in")
+    if notice:
+        expect(page.locator("#accountNotice")).to_have_text(notice)
+    else:
+        expect(page.locator("#accountNotice")).to_have_count(0)
+
+
+def stored_session(page: Page) -> Any:
+    """What this tab keeps of its session (sessionStorage), or None."""
+    return page.evaluate("() => JSON.parse(sessionStorage.getItem('chat.session') || 'null')")
+
+
+def api(page: Page, method: str, path: str, body: Any = None, token: str | None = None) -> dict[str, Any]:
+    """A JSON request from the page (its origin): {status, body}."""
+    return page.evaluate(
+        """async ([method, path, body, token]) => {
+            const headers = {};
+            if (body !== null) headers['Content-Type'] = 'application/json';
+            if (token) headers['Authorization'] = 'Bearer ' + token;
+            const r = await fetch(path, {method, headers, body: body === null ? undefined : JSON.stringify(body)});
+            const text = await r.text();
+            let parsed = null;
+            try { parsed = text ? JSON.parse(text) : null; } catch (e) { parsed = text; }
+            return {status: r.status, body: parsed};
+        }""",
+        [method, path, body, token],
+    )

@@ -17,6 +17,13 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from tests.browser_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    api,
+    expect_account_form,
+    expect_signed_in,
+    register,
+    sign_in,
+    stored_session,
+    submit_account_form,
     attach,
     chats,
     conversations,
@@ -52,6 +59,8 @@ from tests.support import ROOT, ServerProcess, migrated_sqlite
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = ROOT / "test-artifacts"
+CONNECTED = "#status .conn-connected"  # an open-mode page is ready for a name
+SIGN_IN_FORM = "#accountForm"  # an accounts-mode page is ready for a sign-in
 PageFactory = Callable[..., Page]
 
 
@@ -166,13 +175,13 @@ def new_page(browser: Browser, servers: Servers) -> Iterator[PageFactory]:
     contexts = []
     errors: list[str] = []
 
-    def open_page(server: ServerProcess | None = None, **context_options: object) -> Page:
+    def open_page(server: ServerProcess | None = None, *, ready: str = CONNECTED, **context_options: object) -> Page:
         context = browser.new_context(**context_options)
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto((server or servers.default).url)
-        wait_until(page, "() => document.querySelector('#status .conn-connected') !== null")
+        wait_until(page, "ready => document.querySelector(ready) !== null", ready)
         return page
 
     yield open_page
@@ -820,7 +829,7 @@ def test_image_attached_in_one_page_shows_as_a_thumbnail_in_another(new_page: Pa
     box = thumb.bounding_box()
     # (The loaded thumbnail's own proportions may differ by a rounded pixel.)
     assert box is not None and round(box["width"]) == 240 and abs(box["height"] - 150) <= 1, box
-    assert re.search(rf"/files/{re.escape(str(uploaded['id']))}/thumb\?token=\w", thumb.get_attribute("src") or "")
+    assert re.search(rf"/files/{re.escape(str(uploaded['id']))}/thumb\?token=[\w-]", thumb.get_attribute("src") or "")
     assert scroll_state(bob)["atBottom"]
 
     # A later arrival sees both in the lobby's history.
@@ -1033,3 +1042,153 @@ def test_after_reconnecting_files_load_and_upload_with_the_new_sessions_token(ne
     send(bob, "got it")
     expect_file_chat(ann, "bob", "got it", [["file", "reply.txt", "1.5 KiB"]])
 
+
+
+# -- accounts mode (issue 13) ----------------------------------------------------
+
+PASSWORD = "correct horse battery"
+
+
+def test_open_mode_page_shows_the_name_form(new_page: PageFactory) -> None:
+    """The default server is in open mode: the page asks it, and shows the
+    name form and no sign-in form or sign-out button."""
+    page = new_page()
+    assert api(page, "GET", "/api/auth/mode") == {"status": 200, "body": {"mode": "open"}}
+    expect(page.locator("#nameInput")).to_be_visible()
+    expect(page.locator("#accountForm")).to_have_count(0)
+    login(page, "solo")
+    expect(page.locator("#signOut")).to_have_count(0)
+
+
+def test_accounts_register_sign_in_chat_sign_out(new_page: PageFactory, servers: Servers) -> None:
+    server = servers.start(CHAT_AUTH="accounts")
+    alice = new_page(server, ready=SIGN_IN_FORM)
+    expect_account_form(alice)
+    assert stored_session(alice) is None
+
+    register(alice, "alice", PASSWORD)
+    first = stored_session(alice)
+    assert first["name"] == "alice" and first["token"].count(".") == 2  # a JWT, kept for the tab
+
+    bob = new_page(server, ready=SIGN_IN_FORM)
+    register(bob, "bob", "bob's own long password")
+    expect_users(alice, ["alice", "bob"])
+
+    # Alice signs out: her token is revoked on the server, forgotten by the
+    # tab, and Bob sees her leave.
+    alice.click("#signOut")
+    expect_account_form(alice, "You signed out.")
+    assert stored_session(alice) is None
+    expect_users(bob, ["bob"])
+    assert api(alice, "POST", "/api/sessions/refresh", token=first["token"])["status"] == 401
+
+    # She signs in again (the form kept her name) and chats; Bob sees it.
+    expect(alice.locator("#accountName")).to_have_value("alice")
+    sign_in(alice, "alice", PASSWORD)
+    assert stored_session(alice)["token"] != first["token"]
+    expect_users(bob, ["bob", "alice"])  # join order: she joined again after Bob
+    send(alice, "signed in for real")
+    expect_chat(bob, "alice", "signed in for real")
+    expect_chat(alice, "alice", "signed in for real")
+
+    # A reload keeps the tab's session: back in the lobby without the form.
+    alice.reload()
+    expect_signed_in(alice, "alice")
+    expect_chat(alice, "alice", "signed in for real")
+
+    # A new tab (its own sessionStorage) is not signed in.
+    other = new_page(server, ready=SIGN_IN_FORM)
+    expect_account_form(other)
+
+    bob.click("#signOut")
+    expect_account_form(bob, "You signed out.")
+    expect_users(alice, ["alice"])
+
+
+def test_accounts_wrong_password_and_taken_name(new_page: PageFactory, servers: Servers) -> None:
+    server = servers.start(CHAT_AUTH="accounts")
+    owner = new_page(server, ready=SIGN_IN_FORM)
+    register(owner, "carol", PASSWORD)
+
+    page = new_page(server, ready=SIGN_IN_FORM, viewport={"width": 1024, "height": 640})
+    submit_account_form(page, "carol", "not the password", registering=False)
+    expect(page.locator("#accountError")).to_have_text("Wrong name or password.")
+    expect(page.locator("#accountError")).to_be_visible()
+    expect_account_form(page)
+    assert stored_session(page) is None
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "signin.png"))
+
+    # Registering a name that has an account says so.
+    submit_account_form(page, "carol", "another long password", registering=True)
+    expect(page.locator("#accountError")).to_have_text("That name is taken: choose another, or sign in.")
+
+    # Typing again clears the mark; the right password signs in.
+    page.fill("#accountPassword", "x")
+    expect(page.locator("#accountPassword")).not_to_have_class(re.compile("is-invalid"))
+    owner.click("#signOut")
+    expect_account_form(owner, "You signed out.")
+    sign_in(page, "carol", PASSWORD)
+
+
+def test_accounts_refused_token_back_to_the_form(new_page: PageFactory, servers: Servers) -> None:
+    """A token the server refuses at the handshake (here a forged one, as an
+    expired or revoked one would be) sends the page back to the form, with why."""
+    server = servers.start(CHAT_AUTH="accounts")
+    page = new_page(server, ready=SIGN_IN_FORM)
+    register(page, "dave", PASSWORD)
+    good = stored_session(page)
+    header, payload, _signature = good["token"].split(".")
+    forged = f"{header}.{payload}.{base64.urlsafe_b64encode(b'not the signature').decode().rstrip('=')}"
+    page.evaluate("s => sessionStorage.setItem('chat.session', JSON.stringify(s))", {**good, "token": forged})
+    page.reload()
+    expect_account_form(page, "Your session is no longer valid: sign in again.")
+    assert stored_session(page) is None
+    sign_in(page, "dave", PASSWORD)
+
+
+def test_accounts_token_refreshed_before_expiry(new_page: PageFactory, servers: Servers) -> None:
+    """With 4-second tokens the page refreshes its token (about every 3 s)
+    and stays signed in and chatting well past the first one's expiry."""
+    server = servers.start(CHAT_AUTH="accounts", CHAT_TOKEN_TTL="4")
+    page = new_page(server, ready=SIGN_IN_FORM)
+    register(page, "erin", PASSWORD)
+    first = stored_session(page)["token"]
+    time.sleep(9)
+    assert stored_session(page)["token"] != first
+    send(page, "still here")
+    expect_chat(page, "erin", "still here")
+    expect_signed_in(page, "erin")
+    # The live connection took each new token (reauth): the session never
+    # ended, so she never left; no "Connection lost.", no reconnect.
+    assert notices(page) == ["erin joined room."], notices(page)
+
+
+def test_accounts_kicked_and_banned_back_to_the_form(new_page: PageFactory, servers: Servers) -> None:
+    """The first account is an admin. A kick ends the other's session (the
+    form says why, and signing in again works); a ban ends it too, and the
+    banned account's token is then refused at the handshake (connect_error
+    `banned`) and its sign-in answered with the ban."""
+    server = servers.start(CHAT_AUTH="accounts")
+    admin = new_page(server, ready=SIGN_IN_FORM)
+    register(admin, "boss", PASSWORD)
+    bob = new_page(server, ready=SIGN_IN_FORM)
+    register(bob, "bob", PASSWORD)
+    expect_users(admin, ["boss", "bob"])
+
+    assert request(admin, "kick", {"name": "bob"})["ok"] is True
+    expect_account_form(bob, "You were removed from the chat by a moderator.")
+    assert stored_session(bob) is None
+    expect_users(admin, ["boss"])
+    sign_in(bob, "bob", PASSWORD)
+    kept = stored_session(bob)
+
+    assert request(admin, "ban", {"name": "bob", "seconds": 600})["ok"] is True
+    expect_account_form(bob, "This account is banned from the chat.")
+
+    # The token he had, put back and used for a handshake: refused as banned.
+    bob.evaluate("s => sessionStorage.setItem('chat.session', JSON.stringify(s))", kept)
+    bob.reload()
+    expect_account_form(bob, "This account is banned from the chat. (bob is banned)")
+    submit_account_form(bob, "bob", PASSWORD, registering=False)
+    expect(bob.locator("#accountError")).to_have_text("bob is banned")

@@ -34,6 +34,27 @@
     }
   };
 
+  // Accounts mode (issue 13). Ask for a new access token when this share of
+  // its lifetime is left (15 min tokens: about 4 min before expiry), and again
+  // after a failed try: a refresh needs a token that is still valid.
+  var REFRESH_LEFT = 0.25;
+  var REFRESH_RETRY_MS = 5000;
+  // A refreshed token with at least this much life left is worth a reconnect
+  // when the connection's older token runs out (its `exp` is whole seconds).
+  var FRESH_ENOUGH_MS = 1500;
+
+  // Why the sign-in form is shown again, by the server's code (connect_error
+  // data or protocolError).
+  var SESSION_ENDS = {
+    auth_required: 'Sign in to chat.',
+    invalid_token: 'Your session is no longer valid: sign in again.',
+    expired_token: 'Your session has expired: sign in again.',
+    token_expired: 'Your session has expired: sign in again.',
+    token_revoked: 'You were signed out: sign in again.',
+    kicked: 'You were removed from the chat by a moderator.',
+    banned: 'This account is banned from the chat.'
+  };
+
   var READ_DELAY_MS = 300;       // markRead once a conversation has been shown this long without a change
 
   var CHAT_ERRORS = {
@@ -79,6 +100,9 @@
     self.tokenPending = false;
     self.tokenTicket = 0;     // bumped when the connection drops: a late answer is not for this session
     self.tokenWaiters = [];
+    self.mode = null;         // 'open' or 'accounts', once the server said
+    self.session = null;      // accounts mode: {token, name, expiresAt} while signed in
+    self.reconnectWhenStopped = false; // the server ended an expired token's connection; we hold a fresh one
 
     self.init = function () {
       self.connection = new models.ConnectionModel();
@@ -93,7 +117,6 @@
       }
       self.containerModel = new models.ContainerModel();
       self.containerView = new views.ContainerView({ el: options.containerEl || '#container', model: self.containerModel });
-      self.showLogin('');
 
       self.chatClient = new ChatApp.ChatClient({
         vent: self.appEventBus,
@@ -103,13 +126,148 @@
             return null;
           }
           return { resumeToken: self.resumeToken, lastPosition: self.homeModel.horizon };
+        },
+        token: function () {
+          return self.session ? self.session.token : null;
         }
       });
-      self.chatClient.connect();
 
+      // The same page serves both modes: the server says which form to show.
+      ChatApp.auth.mode(function (mode) {
+        self.mode = mode;
+        if (mode === 'accounts') {
+          self.startAccounts();
+        } else {
+          self.startOpen(saved);
+        }
+      });
+    };
+
+    // Open mode: type a name and chat, as the tutorial does.
+    self.startOpen = function (saved) {
+      self.showLogin('');
+      self.chatClient.connect();
       if (saved) {
         self.autoLoginTries = 1;
         self.viewEventBus.trigger('login', saved);
+      }
+    };
+
+    // Accounts mode: connect only with a token (the server refuses a
+    // handshake without one), from this tab's storage or a sign-in.
+    self.startAccounts = function () {
+      savedName.clear(); // open mode's; the account's name comes with its token
+      self.accountModel = new models.AccountModel();
+      self.connection.set('accounts', true);
+      var stored = ChatApp.auth.store.get();
+      if (stored) {
+        self.accountModel.set('name', stored.name);
+        self.autoLoginTries = 1; // reloaded: our old page's socket may hold the name a moment
+        self.beginSession(stored);
+      } else {
+        self.showAccount('', '');
+      }
+    };
+
+    self.showAccount = function (notice, error) {
+      self.accountModel.set({ notice: notice || '', error: error || '', busy: false });
+      self.connection.set({ state: 'signedOut', name: '', attempt: 0 });
+      if (!(self.containerModel.get('viewState') instanceof views.AccountView)) {
+        self.containerModel.set('viewState', new views.AccountView({ vent: self.viewEventBus, model: self.accountModel }));
+      }
+    };
+
+    // Signed in: connect with the token and log in as the account.
+    self.beginSession = function (session) {
+      self.session = session;
+      ChatApp.auth.store.set(session);
+      self.scheduleRefresh();
+      self.accountModel.submitted(session.name);
+      if (!(self.containerModel.get('viewState') instanceof views.AccountView)) {
+        self.containerModel.set('viewState', new views.AccountView({ vent: self.viewEventBus, model: self.accountModel }));
+      }
+      self.pendingLogin = session.name;
+      self.connection.set({ state: 'connecting', name: '' });
+      if (self.chatClient.socket) {
+        self.chatClient.reconnect();
+      } else {
+        self.chatClient.connect();
+      }
+    };
+
+    // The session is over (signed out, expired, kicked, banned, refused):
+    // close the connection, forget the token, back to the form with `notice`.
+    self.endSession = function (notice) {
+      self.cancel('refresh');
+      self.cancel('resume');
+      self.cancel('relogin');
+      self.cancel('autologin');
+      self.session = null;
+      ChatApp.auth.store.clear();
+      self.reconnectWhenStopped = false;
+      self.dropToken();
+      self.me = null;
+      self.pendingLogin = null;
+      self.autoLoginTries = 0;
+      self.resumeToken = null;
+      self.homeModel = null;
+      self.lostNotice = null;
+      self.chatClient.disconnect();
+      self.showAccount(notice, '');
+    };
+
+    // Ask for a new access token before this one expires; the connection
+    // picks it up when it next connects (see token_expired below).
+    self.scheduleRefresh = function (delay) {
+      var session = self.session;
+      if (delay === undefined) {
+        delay = Math.max(1000, (session.expiresAt - Date.now()) * (1 - REFRESH_LEFT));
+      }
+      self.later('refresh', delay, function () {
+        if (session !== self.session) {
+          return;
+        }
+        ChatApp.auth.refresh(session, function (error, fresh) {
+          if (session !== self.session) {
+            return; // signed out meanwhile
+          }
+          if (!error) {
+            self.session = fresh;
+            ChatApp.auth.store.set(fresh);
+            self.scheduleRefresh();
+            self.handOver(fresh);
+          } else if (error.status === 401) {
+            self.endSession(SESSION_ENDS.invalid_token); // revoked, or expired already
+          } else if (session.expiresAt - Date.now() > REFRESH_RETRY_MS) {
+            self.scheduleRefresh(REFRESH_RETRY_MS); // server unreachable for now
+          }
+        });
+      });
+    };
+
+    // Give the live connection the refreshed token (`reauth`), else the
+    // server ends it when the token it connected with runs out. If that is
+    // refused or not answered, the page reconnects with the new token then
+    // (see token_expired below): the session resumes, but its user is seen
+    // leaving and joining again.
+    self.handOver = function (fresh) {
+      if (!self.me || !self.chatClient.connected()) {
+        return; // the next connection's handshake carries it
+      }
+      self.chatClient.reauth(fresh.token, function (error) {
+        if (error && window.console) {
+          window.console.warn('the server did not take the refreshed token', error.code, error.message);
+        }
+      });
+    };
+
+    // A login (or re-login) refused for good: in accounts mode the session
+    // cannot go on, in open mode the name field shows why.
+    self.loginRefused = function (error) {
+      if (self.mode === 'accounts') {
+        self.endSession(error);
+      } else {
+        self.loginModel.refused(error);
       }
     };
 
@@ -524,6 +682,48 @@
       self.chatClient.reconnect();
     });
 
+    // -- view bus: accounts ------------------------------------------------
+
+    self.viewEventBus.on('signIn', function (name, password) {
+      self.accountModel.submitted(name);
+      ChatApp.auth.signIn(name, password, function (error, session) {
+        if (error) {
+          self.accountModel.refused(error.message);
+        } else {
+          self.beginSession(session);
+        }
+      });
+    });
+
+    // Register, then sign in with the same name and password.
+    self.viewEventBus.on('register', function (name, password) {
+      self.accountModel.submitted(name);
+      ChatApp.auth.register(name, password, function (error, answer) {
+        if (error) {
+          self.accountModel.refused(error.message);
+          return;
+        }
+        var registered = answer && typeof answer.name === 'string' && answer.name ? answer.name : name;
+        self.accountModel.set('registering', false);
+        ChatApp.auth.signIn(registered, password, function (failure, session) {
+          if (failure) {
+            self.accountModel.refused('Registered, but could not sign in: ' + failure.message);
+          } else {
+            self.beginSession(session);
+          }
+        });
+      });
+    });
+
+    // Revoke the token on the server; the tab forgets it either way.
+    self.viewEventBus.on('signOut', function () {
+      var session = self.session;
+      self.endSession('You signed out.');
+      if (session) {
+        ChatApp.auth.signOut(session.token, function () {});
+      }
+    });
+
     // -- app bus: connection -------------------------------------------------
 
     self.appEventBus.on('connected', function () {
@@ -550,6 +750,9 @@
     });
 
     self.appEventBus.on('disconnected', function () {
+      if (self.mode === 'accounts' && !self.session) {
+        return; // signed out: the form shows that
+      }
       self.cancel('resume');
       self.cancel('relogin');
       self.connection.set({ state: 'disconnected', name: '' });
@@ -565,7 +768,28 @@
     });
 
     self.appEventBus.on('stopped', function () {
+      if (self.mode === 'accounts' && !self.session) {
+        return;
+      }
+      if (self.reconnectWhenStopped) {
+        self.reconnectWhenStopped = false;
+        self.chatClient.reconnect(); // with the refreshed token, resuming the session
+        return;
+      }
       self.connection.set({ state: 'stopped' });
+    });
+
+    // Accounts mode: the handshake was refused (token expired or revoked,
+    // name banned). Socket.IO does not retry that; sign in again.
+    self.appEventBus.on('refused', function (data) {
+      if (self.mode !== 'accounts') {
+        return;
+      }
+      var text = SESSION_ENDS[data.code] || SESSION_ENDS.invalid_token;
+      if (data.code === 'banned' && data.message) {
+        text = SESSION_ENDS.banned + ' (' + data.message + ')';
+      }
+      self.endSession(text);
     });
 
     // -- app bus: login ----------------------------------------------------
@@ -582,7 +806,9 @@
         self.pendingLogin = null;
         self.autoLoginTries = 0;
         self.cancel('autologin');
-        savedName.set(self.me);
+        if (self.mode !== 'accounts') {
+          savedName.set(self.me);
+        }
         self.loginModel.set({ busy: false, error: '' });
         self.showHome();
       } else if (self.me) {
@@ -616,7 +842,7 @@
         self.pendingLogin = null;
         self.autoLoginTries = 0;
         savedName.clear();
-        self.loginModel.refused('Invalid name');
+        self.loginRefused('Invalid name');
       } else if (self.me) {
         self.loggedOut('Invalid name');
       }
@@ -634,7 +860,7 @@
       } else if (self.pendingLogin !== null) {
         self.pendingLogin = null;
         self.autoLoginTries = 0;
-        self.loginModel.refused('Name already exists');
+        self.loginRefused(self.mode === 'accounts' ? 'This account is signed in elsewhere.' : 'Name already exists');
       } else if (self.me) {
         // Most likely our own previous connection, not yet timed out on the
         // server: try again for a while before giving the name up.
@@ -652,6 +878,10 @@
 
     // Back to the login screen with our name filled in (re-login impossible).
     self.loggedOut = function (error) {
+      if (self.mode === 'accounts') {
+        self.endSession(error);
+        return;
+      }
       var name = self.me;
       self.me = null;
       savedName.clear();
@@ -715,11 +945,22 @@
     });
 
     self.appEventBus.on('protocolError', function (error) {
+      if (self.mode === 'accounts' && error.code === 'token_expired' && self.session &&
+          self.session.expiresAt - Date.now() > FRESH_ENOUGH_MS) {
+        // The connection's token ran out but a refreshed one is here: the
+        // server closes this connection; open a new one with the new token.
+        self.reconnectWhenStopped = true;
+        return;
+      }
+      if (self.mode === 'accounts' && SESSION_ENDS[error.code]) {
+        self.endSession(SESSION_ENDS[error.code]);
+        return;
+      }
       if (error.event === 'login' && error.code !== 'already_logged_in') {
         // Refused for another reason than the name (e.g. server_error).
         if (self.pendingLogin !== null) {
           self.pendingLogin = null;
-          self.loginModel.refused(error.message || 'Could not log in: try again.');
+          self.loginRefused(error.message || 'Could not log in: try again.');
         } else if (self.me) {
           self.retryRelogin(error.message || 'Could not log in again.');
         }

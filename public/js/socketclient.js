@@ -5,6 +5,8 @@
  *
  * Bus events: connected, disconnected(reason), reconnecting(attempt),
  * stopped (the server closed the connection; no automatic reconnect),
+ * refused(data) (accounts mode: the server refused the handshake,
+ * data {code, message}; Socket.IO does not retry that by itself),
  * welcome(data), loginNameBad(name), loginNameExists(name),
  * usersInfo(names), userJoined(name, meta), userLeft(name, meta),
  * chatReceived(chat), history(history), resumeFailed(error),
@@ -22,6 +24,8 @@
     this.url = options.url; // undefined: the server that served this page
     // function () -> {resumeToken, lastPosition} or null; asked on every (re)connect
     this.resumeState = options.resumeState || function () { return null; };
+    // function () -> the access token (accounts mode) or null; asked on every (re)connect
+    this.token = options.token || function () { return null; };
     this.socket = null;
   };
 
@@ -36,10 +40,16 @@
         closeOnBeforeunload: true,
         reconnectionDelay: 500,
         reconnectionDelayMax: 3000,
-        // A function, so every reconnect sends the latest token and position.
+        // A function, so every reconnect sends the latest tokens and position
+        // (an access token refreshed since the last connect, too).
         auth: function (cb) {
           var state = self.resumeState();
-          cb(state && state.resumeToken ? state : {});
+          var token = self.token();
+          var auth = state && state.resumeToken ? _.clone(state) : {};
+          if (token) {
+            auth.token = token;
+          }
+          cb(auth);
         }
       };
       this.socket = this.url ? io(this.url, options) : io(options);
@@ -50,6 +60,13 @@
     reconnect: function () {
       if (this.socket && !this.socket.connected) {
         this.socket.connect();
+      }
+    },
+
+    // Close the connection for good (signing out); reconnect() opens it again.
+    disconnect: function () {
+      if (this.socket) {
+        this.socket.disconnect();
       }
     },
 
@@ -102,6 +119,12 @@
       });
     },
 
+    // Accounts mode: hand the connection a refreshed access token, so the
+    // session outlives the token it connected with. cb(error, {expiresIn}).
+    reauth: function (token, cb) {
+      this.request('reauth', [{ token: token }], cb);
+    },
+
     requestOnlineUsers: function () {
       this.socket.emit('onlineUsers');
     },
@@ -152,6 +175,18 @@
         if (reason === 'io server disconnect') {
           vent.trigger('stopped', reason); // Socket.IO does not reconnect by itself here
         }
+      });
+      // A refusal by the server (its middleware) carries data {code, message};
+      // a transport failure does not, and Socket.IO retries that itself.
+      // (socket.active is false after a refusal: no retry is scheduled.)
+      socket.on('connect_error', function (error) {
+        if (!error || socket.active) {
+          return;
+        }
+        var data = _.isObject(error.data) ? error.data : {};
+        var text = String(data.message || error.message || '');
+        var named = /\b(auth_required|invalid_token|expired_token|banned)\b/.exec(text);
+        vent.trigger('refused', { code: String(data.code || (named && named[1]) || 'refused'), message: text });
       });
       manager.on('reconnect_attempt', function (attempt) { vent.trigger('reconnecting', attempt); });
 

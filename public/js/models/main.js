@@ -22,12 +22,27 @@
     }
   });
 
+  // The accounts-mode form (issue 13). `notice`: why the form is shown
+  // again (signed out, session over); `error`: the last refusal.
+  var AccountModel = Backbone.Model.extend({
+    defaults: { name: '', error: '', notice: '', busy: false, registering: false },
+
+    submitted: function (name) {
+      this.set({ name: name, error: '', notice: '', busy: true });
+    },
+
+    refused: function (error) {
+      this.set({ error: error, busy: false });
+    }
+  });
+
   // What the connection indicator shows.
   var ConnectionModel = Backbone.Model.extend({
     defaults: {
-      state: 'connecting', // connecting | connected | relogin | disconnected | reconnecting | stopped
+      state: 'connecting', // connecting | connected | relogin | disconnected | reconnecting | stopped | signedOut
       attempt: 0,
-      name: '' // set while logged in
+      name: '', // set while logged in
+      accounts: false // accounts mode: the name is an account's, and one can sign out
     },
 
     label: function () {
@@ -38,6 +53,7 @@
         case 'disconnected': return 'Disconnected';
         case 'reconnecting': return 'Disconnected \u00b7 reconnecting (attempt ' + this.get('attempt') + ')\u2026';
         case 'stopped': return 'Disconnected';
+        case 'signedOut': return 'Not signed in';
         default: return this.get('state');
       }
     },
@@ -47,7 +63,9 @@
         state: this.get('state'),
         label: this.label(),
         name: this.get('state') === 'connected' ? this.get('name') : '',
-        canRetry: this.get('state') === 'stopped'
+        canRetry: this.get('state') === 'stopped',
+        // Signing out is also the way out of a session that cannot come back.
+        canSignOut: this.get('accounts') && this.get('state') !== 'signedOut'
       };
     }
   });
@@ -504,6 +522,7 @@
 
   _.extend(models, {
     LoginModel: LoginModel,
+    AccountModel: AccountModel,
     ConnectionModel: ConnectionModel,
     HomeModel: HomeModel,
     ContainerModel: ContainerModel

@@ -6,7 +6,8 @@
     template: ChatApp.template('status-template'),
 
     events: {
-      'click [data-action="reconnect"]': 'reconnect'
+      'click [data-action="reconnect"]': 'reconnect',
+      'click [data-action="sign-out"]': 'signOut'
     },
 
     initialize: function (options) {
@@ -21,6 +22,10 @@
 
     reconnect: function () {
       this.vent.trigger('reconnect');
+    },
+
+    signOut: function () {
+      this.vent.trigger('signOut');
     }
   });
 })(ChatApp, Backbone);
