@@ -130,7 +130,10 @@ class Accounts:
         except IntegrityError:
             pass  # another process generated it first: use that one
         async with self.engine.begin() as conn:
-            return await conn.scalar(sa.select(secrets_table.c.value).where(secrets_table.c.name == SECRET_NAME))
+            stored = await conn.scalar(sa.select(secrets_table.c.value).where(secrets_table.c.name == SECRET_NAME))
+        if not isinstance(stored, str):
+            raise RuntimeError("the signing key could not be stored nor read")
+        return stored
 
     # -- accounts --------------------------------------------------------------
     async def get(self, name: str) -> Account | None:
