@@ -504,15 +504,16 @@ class Commands:
             self._creating.discard(key)
         return stored[0]
 
-    async def join_room(self, sid: str, request: object) -> StoredEvent | None:
-        """None: a member already (the lobby included)."""
+    async def join_room(self, sid: str, request: object) -> tuple[str, StoredEvent | None]:
+        """The room's name, and its join (None: a member already, the lobby
+        included)."""
         session = await self._room_session(sid)
         req = domain.check_request(request, protocol.JOIN_ROOM)
         key, room = await self._find_room(req.get("room"))
         self._still_active(session)
         rooms = session.rooms if session.rooms is not None else set()
         if room is None or key in rooms:
-            return None
+            return (room.name if room is not None else LOBBY), None
         new = domain.decide_join_room(
             session.name,
             session.version + 1,
@@ -528,7 +529,7 @@ class Commands:
         session.summary = None
         self._joining[key] = self._joining.get(key, 0) + 1
         try:
-            return (await self._submit(session, [new], "join"))[0]
+            return room.name, (await self._submit(session, [new], "join"))[0]
         except BaseException:
             rooms.discard(key)
             raise

@@ -386,7 +386,7 @@ class Delivery:
         return [
             protocol.LOBBY_ROOM,
             protocol.user_room(name),
-            *(f"room:{key}" for key in self.rooms.rooms_of(name)),
+            *(room_scope(key) for key in self.rooms.rooms_of(name)),
         ]
 
     # -- resume replays -----------------------------------------------------------

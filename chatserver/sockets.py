@@ -24,7 +24,7 @@ from .auth import Claims, Tokens, TokenRefused
 from .commands import Commands
 from .config import Settings
 from .database import DatabaseUnavailable
-from .events import LOBBY, RoomCreated, RoomJoined, RoomLeft, StoredEvent, UserBanned, UserKicked
+from .events import RoomCreated, RoomLeft, StoredEvent, UserBanned, UserKicked
 from .domain import (
     BadPayload,
     DomainError,
@@ -293,14 +293,8 @@ class SocketHandlers:
 
     async def on_join_room(self, sid: str, *args: Any) -> dict[str, Any]:
         async def join() -> dict[str, Any]:
-            request = self._one(protocol.JOIN_ROOM, args)
-            stored = await self.service.join_room(sid, request)
-            if stored is None:
-                _key, room = self.service._room(request.get("room"))
-                return {"room": room.name if room is not None else LOBBY, "position": None}
-            event = stored.event
-            assert isinstance(event, RoomJoined)
-            return {"room": event.room, "position": stored.position}
+            room, stored = await self.service.join_room(sid, self._one(protocol.JOIN_ROOM, args))
+            return {"room": room, "position": stored.position if stored is not None else None}
 
         return await self._request(sid, protocol.JOIN_ROOM, join)
 
