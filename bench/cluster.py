@@ -99,6 +99,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,12 +281,13 @@ class Bench:
                 if self.args.profile:
                     # The sampling profiler prints its report into the server's log at exit.
                     folded = self.scratch / f"run{self.run_no}-ours-{i}.folded"
-                    cmd = [self.python(), str(HERE / "profile_server.py"), "--folded", str(folded)]
+                    cmd = [self.python(), str(HERE / "profile_server.py"), "--window-signals", "--folded", str(folded)]
                 procs.append(self.spawn(cmd, env, logfile, REPO))
             for port, proc in zip(ports, procs, strict=True):
                 wait_listening(port, proc, 30, "our server")
             db_stats: dict[str, Any] = {}
             yield ports, [p.pid for p in procs], [self.pg.postmaster_pid], logs, db_stats
+            db_stats.update(follow_reads(ports))
         finally:
             for proc in procs:
                 stop_process(proc, signal.SIGINT)
@@ -351,6 +353,7 @@ class Bench:
                 "--closed-k", str(self.args.closed_k), "--window", str(self.args.window), "--size", "64",
                 "--acks", "1" if kind == "ours" else "0", "--clk-tck", str(os.sysconf("SC_CLK_TCK")),
                 "--timeout-s", "60", "--max-s", str(int(max_s)), "--label", config,
+                "--mark-window", "1" if self.args.profile and kind == "ours" else "0",
             ]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=max_s + 30)
@@ -373,6 +376,25 @@ class Bench:
             if bad:
                 problems.append(f"{len(bad)} error lines in {logfile.name}, first: {bad[0][:200]}")
         return {"config": config, "raw": result, "figures": extract(result), "problems": problems}
+
+
+FOLLOW_LINE = re.compile(r'^chat_log_(follow_reads|followed_events)_total\{via="(\w+)"\} (\S+)$', re.M)
+
+
+def follow_reads(ports: list[int]) -> dict[str, int]:
+    """Whole-run counts from our servers' /metrics, summed: reads of other
+    processes' events (``follow_reads_signal``: by the follower, each its own
+    transaction; ``follow_reads_append``: in an append's transaction) and the
+    events they brought."""
+    totals: dict[str, int] = {}
+    for port in ports:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            for what, via, value in FOLLOW_LINE.findall(text):
+                key = f"{what}_{via}"
+                totals[key] = totals.get(key, 0) + int(float(value))
+    return totals
 
 
 def parse_config(config: str) -> tuple[str, int]:
@@ -415,6 +437,8 @@ FIGURES = (
     Figure("fixed_us_per_delivery_all", "fixed rate: CPU per delivery incl. PostgreSQL / Redis, us", 1),
     Figure("db_transactions_per_event", "whole run: PostgreSQL transactions per event appended", 2),
     Figure("db_scans_per_event", "whole run: scans of the events table per event appended", 2),
+    Figure("follow_reads_per_event", "whole run: follower reads (own transactions) per event appended", 2),
+    Figure("append_reads_per_event", "whole run: reads in an append's transaction per event appended", 2),
     Figure("distinct_orders", "distinct delivery orders among the clients (closed loop)", 0),
 )
 
@@ -451,6 +475,8 @@ def extract(r: dict[str, Any]) -> dict[str, float]:
     events = db.get("events") or 0
     f["db_transactions_per_event"] = db["transactions"] / events if events and "transactions" in db else NAN
     f["db_scans_per_event"] = db["events_scans"] / events if events and "events_scans" in db else NAN
+    f["follow_reads_per_event"] = db.get("follow_reads_signal", 0) / events if events and db else NAN
+    f["append_reads_per_event"] = db.get("follow_reads_append", 0) / events if events and db else NAN
     f["distinct_orders"] = (closed.get("checks") or {}).get("distinct_orders", NAN)
     return f
 
@@ -622,9 +648,9 @@ def main(argv: list[str] | None = None) -> int:
                         "commit latency; more: it approaches what the server core can do)")
     parser.add_argument("--redis-server", default="redis-server")
     parser.add_argument("--profile", action="store_true",
-                        help="run our servers under bench/profile_server.py (reports in the kept scratch "
-                        "folder's server logs, folded stacks beside them); implies --keep; its figures are "
-                        "not benchmark figures")
+                        help="run our servers under bench/profile_server.py, sampling the closed loop only "
+                        "(reports in the kept scratch folder's server logs, folded stacks beside them); "
+                        "implies --keep; its figures are not benchmark figures")
     parser.add_argument("--json", help="write every run and the summary to this file")
     args = parser.parse_args(argv)
     args.keep = args.keep or args.profile

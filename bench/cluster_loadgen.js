@@ -71,6 +71,11 @@ const MAX_S = parseFloat(A['max-s'] || '150');
 const LABEL = A.label || '';
 const ids = (s) => (s ? s.split(',').filter(Boolean).map((x) => parseInt(x, 10)) : []);
 const SERVER_PIDS = ids(A['server-pids']);
+// --mark-window 1: SIGUSR1 to every server process when the closed loop
+// starts, SIGUSR2 when it ends (bench/profile_server.py --window-signals
+// samples only between them). Never against a plain server: both kill it.
+const MARK_WINDOW = A['mark-window'] === '1';
+const markWindow = (sig) => { if (MARK_WINDOW) for (const pid of SERVER_PIDS) process.kill(pid, sig); };
 const AUX_TREES = ids(A['aux-trees']);
 const CLK_TCK = parseInt(A['clk-tck'] || '100', 10);
 if (M > N) throw new Error('--m must not exceed --n');
@@ -488,11 +493,13 @@ async function main() {
   {
     const ph = phase = new Phase('c', CLOSED_K);
     onEcho = (j) => { if (ph.sent[j] < CLOSED_K) ph.send(clients, j, null); };
+    markWindow('SIGUSR1');
     const c0 = cpuSnap();
     const t0 = c0.t;
     for (let j = 0; j < M; j++) for (let w = 0; w < WINDOW && ph.sent[j] < CLOSED_K; w++) ph.send(clients, j, null);
     await waitFor(() => ph.delivered >= ph.expected, PHASE_TIMEOUT);
     const c1 = cpuSnap();
+    markWindow('SIGUSR2');
     onEcho = null;
     if (ACKS) await waitFor(() => ph.acked + ph.ackErrors >= M * CLOSED_K, 5000);
     out.closed = { params: { k: CLOSED_K, window: WINDOW }, ...ph.result(cpuDiff(c0, { ...c1, t: ph.tLast || c1.t }), t0) };

@@ -152,8 +152,10 @@ class Delivery:
         self._parked: list[Committed] = []
         self._followed: dict[int, StoredEvent] = {}
         self.want_follow: Callable[[], None] = lambda: None
-        # The position the live views have applied.
+        # The position the live views have applied, and the highest one
+        # handed over (committed or followed), delivered or not yet.
         self.applied = 0
+        self.received = 0
         # The position of the last own event published: a catch-up replays
         # up to it and then joins live delivery.
         self.dispatched = 0
@@ -171,7 +173,7 @@ class Delivery:
         self.online = online
         self.rooms = rooms
         self.recent.apply_all(recent)
-        self.applied = self.dispatched = online.position
+        self.applied = self.dispatched = self.received = online.position
         self.first_visible = first_visible
         self._task = asyncio.create_task(self._run(), name="outbox-dispatcher")
 
@@ -209,9 +211,11 @@ class Delivery:
 
     # -- what the rest of the service hands over -------------------------------
     def committed(self, events: list[StoredEvent]) -> None:
+        self.received = max(self.received, events[-1].position)
         self._outbox.put_nowait(Committed(events))
 
     def followed(self, events: list[StoredEvent]) -> None:
+        self.received = max(self.received, events[-1].position)
         self._outbox.put_nowait(Followed(events))
 
     def reply(self, sid: str, event: str, data: Callable[[], Any]) -> None:

@@ -6,6 +6,12 @@ the log after what delivery has applied and hands it over as ``Followed``
 items: when the log signal (``logsignal``) says the log grew past that, when
 delivery finds a gap before one of its own batches, and on a short timer in
 case a signal was lost. Reading happens here, never in the dispatcher.
+
+While this process's own append is on its way, a signal waits for it: the
+append reads what others appended before it in its transaction, under the
+log's lock (``EventWriter``'s ``read_preceding``), and delivery sends those
+events and the append's own in one write per socket. Only what the append
+did not cover is read here then.
 """
 
 from __future__ import annotations
@@ -17,19 +23,30 @@ from collections.abc import Awaitable, Callable
 
 from .delivery import Delivery
 from .events import StoredEvent
+from .metrics import STATS
 from .store import EventStore
 
 log = logging.getLogger(__name__)
 
 FOLLOW_PAGE = 1000
 RETRY_DELAY = 1.0  # seconds before reading again after a failed read
+# Longest a signal waits for this process's own append in progress (one that
+# is slow, e.g. in a database outage, must not hold other processes' events).
+WAIT_FOR_OWN_APPEND = 0.05
 
 
 class LogFollower:
     def __init__(
-        self, store: EventStore, delivery: Delivery, *, interval: float | None, own_id: Callable[[], str] = lambda: ""
+        self,
+        store: EventStore,
+        delivery: Delivery,
+        *,
+        interval: float | None,
+        own_id: Callable[[], str] = lambda: "",
+        writer_busy: Callable[[], asyncio.Event | None] = lambda: None,
     ) -> None:
         self.own_id = own_id
+        self.writer_busy = writer_busy
         # A cheaper way to read, when there is one (the log signal's own
         # connection); None from it means "not now": read through the store.
         self.fast_read: Callable[[int, int], Awaitable[list[StoredEvent] | None]] | None = None
@@ -39,6 +56,8 @@ class LogFollower:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self._signalled = 0  # the highest head another process signalled
+        self._must_read = False  # asked by delivery, or the head is unknown
         delivery.want_follow = self.poke
 
     def start(self) -> None:
@@ -51,6 +70,7 @@ class LogFollower:
                 await self._task
 
     def poke(self) -> None:
+        self._must_read = True
         self._wake.set()
 
     def signalled(self, head: int, sender: str) -> None:
@@ -59,7 +79,10 @@ class LogFollower:
         skipped (a gap before one of them asks for a read anyway)."""
         if sender and sender == self.own_id():
             return
-        if head == 0 or head > self.delivery.applied:
+        if head == 0:
+            self.poke()
+        elif head > self.delivery.received:
+            self._signalled = max(self._signalled, head)
             self._wake.set()
 
     async def _read(self, after: int) -> list[StoredEvent]:
@@ -69,14 +92,30 @@ class LogFollower:
                 return events
         return await self.store.read_all(after=after, limit=FOLLOW_PAGE)
 
+    async def _covered_by_own_append(self) -> bool:
+        """Wait for this process's append in progress, if any; True when it
+        brought everything signalled so far."""
+        busy = self.writer_busy()
+        if busy is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(busy.wait(), WAIT_FOR_OWN_APPEND)
+        return not self._must_read and self.delivery.received >= self._signalled
+
     async def _run(self) -> None:
         while True:
+            polled = False
             if self.interval is None:
                 await self._wake.wait()
             else:
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(self._wake.wait(), self.interval)
+                except TimeoutError:
+                    polled = True
             self._wake.clear()
+            if not polled and not self._must_read and await self._covered_by_own_append():
+                continue
+            self._must_read = False
             try:
                 events = await self._read(self.delivery.applied)
             except Exception as exc:
@@ -89,6 +128,7 @@ class LogFollower:
             if self._failing:
                 log.info("reading the shared log again")
                 self._failing = False
+            STATS.followed("signal", len(events))
             if events:
                 self.delivery.followed(events)
                 if len(events) == FOLLOW_PAGE:

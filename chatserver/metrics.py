@@ -74,9 +74,18 @@ class Stats:
         self.replay_requests = 0
         self.database_errors = 0
         self.client_problems: dict[str, int] = {}
+        # Reads of other processes' events on a shared log, and the events
+        # they brought, by how: "signal" (the follower, after a signal, a
+        # poll or a gap) or "append" (in this process's own append).
+        self.follow_reads: dict[str, int] = {}
+        self.followed_events: dict[str, int] = {}
 
     def refused(self, code: str) -> None:
         self.refusals[code] = self.refusals.get(code, 0) + 1
+
+    def followed(self, via: str, events: int) -> None:
+        self.follow_reads[via] = self.follow_reads.get(via, 0) + 1
+        self.followed_events[via] = self.followed_events.get(via, 0) + events
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -195,6 +204,15 @@ class AppCollector:
                                   value=s.replay_requests)
         yield CounterMetricFamily("chat_database_errors", "Failed database transactions and health checks",
                                   value=s.database_errors)
+        c = CounterMetricFamily("chat_log_follow_reads", "Reads of other processes' events on a shared log, by how",
+                                labels=["via"])
+        for via, n in sorted(s.follow_reads.items()):
+            c.add_metric([via], n)
+        yield c
+        c = CounterMetricFamily("chat_log_followed_events", "Other processes' events read, by how", labels=["via"])
+        for via, n in sorted(s.followed_events.items()):
+            c.add_metric([via], n)
+        yield c
         c = CounterMetricFamily("chat_client_problems", "Problems clients caused, by kind", labels=["kind"])
         for kind, n in sorted(s.client_problems.items()):
             c.add_metric([kind], n)

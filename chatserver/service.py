@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import logsignal, projections, rooms, uploads
 from .commands import Commands, new_command_id
@@ -36,6 +36,7 @@ from .events import (
 from .follower import LogFollower
 from .leases import NodeLease, owner_of
 from .lifecycle import Effect, Session, Sessions, State
+from .metrics import STATS
 from .store import EventStore, StreamHead
 from .writer import EventWriter
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 # delays delivery by at most this).
 FOLLOW_POLL = 0.5
 SHUTDOWN_LEAVES_TIMEOUT = 5.0
+# Most events an append reads, under the log's lock, of what other processes
+# appended just before it (a longer gap is the follower's to read).
+PRECEDING_MAX = 200
 USER_PREFIX = user_stream("")
 
 
@@ -63,7 +67,8 @@ class ChatService:
         # signals the new head, and each process follows the log.
         shared = store.engine.dialect.name == "postgresql"
         in_transaction = [projections.save, uploads.mark_posted, *([logsignal.notifier(self._lease_id)] if shared else [])]
-        self.writer = writer_factory(in_transaction=in_transaction, on_commit=self._committed)
+        following = {"read_preceding": self._read_preceding, "on_preceding": self._preceding} if shared else {}
+        self.writer = writer_factory(in_transaction=in_transaction, on_commit=self._committed, **following)
         self.delivery = Delivery(
             settings,
             store,
@@ -75,7 +80,11 @@ class ChatService:
         )
         self.commands = Commands(settings, store, self.writer, self.sessions, self.delivery)
         self.follower = LogFollower(
-            store, self.delivery, interval=FOLLOW_POLL if shared else None, own_id=self._lease_id
+            store,
+            self.delivery,
+            interval=FOLLOW_POLL if shared else None,
+            own_id=self._lease_id,
+            writer_busy=self.writer.busy,
         )
         self.listener = logsignal.LogListener(store.engine.url, self.follower.signalled) if shared else None
         if self.listener is not None:
@@ -201,6 +210,22 @@ class ChatService:
                     effects.extend(self.sessions.login_committed(session))
         self.delivery.committed(stored)
         self.commands.carry_out(effects)
+
+    async def _read_preceding(self, conn: AsyncConnection, first: int) -> list[StoredEvent]:
+        """In an append's transaction, under the log's lock: what other
+        processes appended since this one last looked. Handed to delivery
+        just ahead of the batch, so both go out to each socket in one write
+        and the follower need not read them separately. A long gap is left
+        to the follower, outside the lock."""
+        after = self.delivery.received
+        if after + 1 >= first or first - after - 1 > PRECEDING_MAX:
+            return []
+        preceding = await self.store.read_between(conn, after, first)
+        STATS.followed("append", len(preceding))
+        return preceding
+
+    def _preceding(self, stored: list[StoredEvent]) -> None:
+        self.delivery.followed(stored)
 
     def _delivered(self, session: Session) -> None:
         task = asyncio.create_task(self.commands.push_conversations(session), name=f"conversations-{session.sid}")

@@ -11,6 +11,13 @@ On a SQLite file the batch's transaction runs in the SQLite writer thread
 Both run the same append body: the store's append, then the in-transaction
 hooks (the persisted projections).
 
+On a log several processes share, ``read_preceding`` reads in the same
+transaction, under the log's lock, what the others appended before the batch
+that this process has not seen yet; ``on_preceding`` gets it just before
+``on_commit`` gets the batch, so delivery sends both in one write per socket
+(and the follower need not read them separately). ``busy`` tells the
+follower an append is on its way.
+
 Every request fails alone. ``submit`` encodes its events (``store.encode``)
 and refuses what cannot be stored there and then, so a batch holds only rows
 an insert accepts. A batch that fails anyway for a reason that is not the
@@ -50,6 +57,9 @@ log = logging.getLogger(__name__)
 
 InTransaction = Callable[[AsyncConnection, list[StoredEvent]], Coroutine[Any, Any, None]]
 OnCommit = Callable[[list[StoredEvent]], None]
+# Reads, in an append's transaction, what other processes appended before
+# the batch's first position that this process has not yet seen.
+ReadPreceding = Callable[[AsyncConnection, int], Coroutine[Any, Any, list[StoredEvent]]]
 
 __all__ = [
     "Appended",
@@ -117,6 +127,8 @@ class _Outcome:
     stored: list[StoredEvent]
     originals: dict[int, list[StoredEvent]]
     copies: dict[int, int]
+    # Other processes' events just before ``stored`` (see ``read_preceding``).
+    preceding: list[StoredEvent] = field(default_factory=list)
 
 
 class EventWriter:
@@ -127,6 +139,8 @@ class EventWriter:
         *,
         in_transaction: Sequence[InTransaction] = (),
         on_commit: OnCommit | None = None,
+        read_preceding: ReadPreceding | None = None,
+        on_preceding: OnCommit | None = None,
         max_batch: int = 512,
         outcome_timeout: float = OUTCOME_TIMEOUT,
     ) -> None:
@@ -134,6 +148,8 @@ class EventWriter:
         self._engine = engine
         self._in_transaction = list(in_transaction)
         self._on_commit = on_commit
+        self._read_preceding = read_preceding
+        self._on_preceding = on_preceding
         self._max_batch = max_batch
         self._outcome_timeout = outcome_timeout
         self._pending: list[_Request] = []
@@ -142,6 +158,8 @@ class EventWriter:
         self._task: asyncio.Task[None] | None = None
         self._sqlite: SqliteWriterThread | None = None
         self._failed_batches = 0  # in the current outage
+        self._committing = False
+        self._progress = asyncio.Event()  # set, and replaced, after each batch
         self.batches = 0  # commits made, for tests and benchmarks
 
     @property
@@ -152,6 +170,11 @@ class EventWriter:
     def start(self) -> None:
         self._sqlite = SqliteWriterThread.for_engine(self._engine)
         self._task = asyncio.create_task(self._run(), name="event-writer")
+
+    def busy(self) -> asyncio.Event | None:
+        """While a batch is pending or committing: an event set once it is
+        done (committed or failed). None when the writer is idle."""
+        return self._progress if self._committing or self._pending else None
 
     def submit(self, events: Sequence[NewEvent]) -> asyncio.Future[Appended]:
         """Queue one command's events for the next batch.
@@ -201,12 +224,17 @@ class EventWriter:
             await asyncio.sleep(0)
             batch = self._pending[: self._max_batch]
             del self._pending[: len(batch)]
+            self._committing = True
             try:
                 await self._commit(batch)
             except Exception as exc:  # pragma: no cover - the loop must survive anything
                 log.exception("event writer failed a batch")
                 for request in batch:
                     self._fail(request, exc)
+            finally:
+                self._committing = False
+                self._progress.set()
+                self._progress = asyncio.Event()
 
     async def _commit(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
@@ -241,6 +269,8 @@ class EventWriter:
         if self._failed_batches:
             log.warning("database available again after %d failed batches", self._failed_batches)
             self._failed_batches = 0
+        if outcome.preceding and self._on_preceding is not None:
+            self._on_preceding(outcome.preceding)
         if outcome.stored and self._on_commit is not None:
             self._on_commit(outcome.stored)
         results: dict[int, Appended] = {}
@@ -368,10 +398,13 @@ class EventWriter:
                 first_of[command_id] = index
             fresh.append(index)
         stored = await self._store.append(conn, [row for i in fresh for row in batch[i].rows], locked=True)
+        preceding: list[StoredEvent] = []
         if stored:
             for hook in self._in_transaction:
                 await hook(conn, stored)
-        return _Outcome(fresh, stored, originals, copies)
+            if self._read_preceding is not None:
+                preceding = await self._read_preceding(conn, stored[0].position)
+        return _Outcome(fresh, stored, originals, copies, preceding)
 
     @staticmethod
     def _fail(request: _Request, exc: BaseException) -> None:

@@ -49,7 +49,6 @@ from tests.browser_helpers import (
     send,
     send_many,
     size_text,
-    title,
     tray,
     users,
     wait_until,

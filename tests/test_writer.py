@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from chatserver.database import create_engine
-from chatserver.events import MessagePosted, NewEvent, StoredEvent, UserJoined, UserLoggedIn, user_stream
+from chatserver.events import (
+    MessagePosted,
+    NewEvent,
+    StoredEvent,
+    UserJoined,
+    UserLoggedIn,
+    user_stream,
+)
+from chatserver.store import EventStore
 from chatserver.writer import Appended, ConcurrencyError, EventWriter, UnencodableEvent
 from tests.support import Backend
 
@@ -179,3 +188,46 @@ async def test_a_version_conflict_still_fails_only_the_loser(backend: Backend) -
         results = await asyncio.gather(*futures, return_exceptions=True)
     assert isinstance(results[1], ConcurrencyError)
     assert messages(await backend.store.read_all()) == ["a", "b"]
+
+
+@pytest.mark.postgres
+async def test_an_append_brings_what_another_writer_appended_before_it(pg_url: str) -> None:
+    # Two processes on one log: the second writer's append reads, under the
+    # log's lock, the events the first appended since it last looked, and
+    # hands them over before its own batch, in position order.
+    backend = Backend(pg_url, EventStore(create_engine(pg_url)), create_engine(pg_url, writer=True))
+    seen = {"through": 0}
+    handed: list[tuple[str, list[int]]] = []
+
+    async def read_preceding(conn: AsyncConnection, first: int) -> list[StoredEvent]:
+        return await backend.store.read_between(conn, seen["through"], first)
+
+    def note(kind: str) -> Callable[[list[StoredEvent]], None]:
+        def record(stored: list[StoredEvent]) -> None:
+            handed.append((kind, [e.position for e in stored]))
+            seen["through"] = max(seen["through"], stored[-1].position)
+
+        return record
+
+    other_engine = create_engine(backend.url, writer=True)
+    other = EventWriter(backend.store, other_engine)
+    ours = EventWriter(
+        backend.store, backend.writer_engine, on_commit=note("own"),
+        read_preceding=read_preceding, on_preceding=note("preceding"),
+    )
+    other.start()
+    ours.start()
+    try:
+        await other.append([chat("ann", 1, "a1")])
+        await other.append([chat("ann", 2, "a2")])
+        await ours.append([chat("bob", 1, "b1")])
+        await ours.append([chat("bob", 2, "b2")])  # nothing new before it
+        await other.append([chat("ann", 3, "a3")])
+        await ours.append([chat("bob", 3, "b3")])
+    finally:
+        await other.close()
+        await ours.close()
+        await other_engine.dispose()
+        await backend.writer_engine.dispose()
+        await backend.store.engine.dispose()
+    assert handed == [("preceding", [1, 2]), ("own", [3]), ("own", [4]), ("preceding", [5]), ("own", [6])]
