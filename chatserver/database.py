@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 
 class DatabaseNotMigrated(Exception):
@@ -96,6 +96,27 @@ def describe(exc: BaseException) -> str:
 
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def driver_connection(conn: AsyncConnection) -> Any:
+    """The driver's own connection under ``conn`` (asyncpg's, on
+    PostgreSQL), found without I/O: for the few statements every append runs,
+    which SQLAlchemy's execution machinery would cost several times over."""
+    sync = conn.sync_connection
+    if sync is None:
+        raise sa.exc.InvalidRequestError("the connection is not started")
+    return sync.connection.driver_connection
+
+
+def driver_in_transaction(conn: Any) -> Any:
+    """asyncpg's connection under ``conn`` (an ``AsyncConnection`` on
+    PostgreSQL) once a transaction has begun on it, else None: the caller
+    then goes through SQLAlchemy, whose first statement begins one. (The
+    writer begins its own; SQLAlchemy begins lazily.)"""
+    if not isinstance(conn, AsyncConnection) or conn.dialect.name != "postgresql":
+        return None
+    driver = driver_connection(conn)
+    return driver if driver.is_in_transaction() else None
 
 
 def is_sqlite(url: str | sa.URL) -> bool:

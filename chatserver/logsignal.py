@@ -20,6 +20,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from .database import driver_connection
 from .events import StoredEvent
 from .store import pg_read_after
 
@@ -29,7 +30,7 @@ CHANNEL = "chat_log"
 RECONNECT_FIRST = 0.2  # seconds; doubles up to
 RECONNECT_MAX = 5.0
 
-_NOTIFY = sa.text(f"SELECT pg_notify('{CHANNEL}', :head)")
+_NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
 
 def notifier(sender: Callable[[], str]) -> Callable[[AsyncConnection, list[StoredEvent]], Awaitable[None]]:
@@ -38,7 +39,8 @@ def notifier(sender: Callable[[], str]) -> Callable[[AsyncConnection, list[Store
 
     async def notify(conn: AsyncConnection, stored: list[StoredEvent]) -> None:
         if stored:
-            await conn.execute(_NOTIFY, {"head": f"{stored[-1].position} {sender()}"})
+            # On asyncpg's own connection, in the append's transaction.
+            await driver_connection(conn).execute(_NOTIFY, f"{stored[-1].position} {sender()}")
 
     return notify
 

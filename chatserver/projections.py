@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import rooms
+from .database import driver_in_transaction
 from .events import LOBBY_SCOPE, StoredEvent, UserJoined, UserLeft, UserLoggedIn, scope_of
 from .store import EventStore, metadata
 
@@ -158,6 +159,8 @@ _UPDATE_POSITION = (
     .values(position=sa.bindparam("at"))
 )
 _INSERT_POSITION = projection_positions_table.insert()
+# The same update on asyncpg's own connection (the writer's transaction).
+_PG_UPDATE_POSITION = "UPDATE projection_positions SET position = $2 WHERE name = $1"
 _INSERT_ONLINE = online_users_table.insert()
 _INSERT_GRANTS = resume_tokens_table.insert()
 
@@ -246,6 +249,13 @@ async def find_grant(engine: AsyncEngine, token_hash: str) -> ResumeGrant | None
 
 
 async def _set_position(conn: AsyncConnection, name: str, position: int) -> None:
+    driver = driver_in_transaction(conn)
+    if driver is not None:
+        # asyncpg answers with the command tag: "UPDATE <rows>".
+        if await driver.execute(_PG_UPDATE_POSITION, name, position) != "UPDATE 0":
+            return
+        await conn.execute(_INSERT_POSITION, {"name": name, "position": position})
+        return
     updated = await conn.execute(_UPDATE_POSITION, {"projection": name, "at": position})
     if updated.rowcount == 0:
         await conn.execute(_INSERT_POSITION, {"name": name, "position": position})

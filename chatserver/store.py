@@ -20,11 +20,13 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+import asyncpg
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .database import driver_connection, driver_in_transaction
 from .events import (
     EVENT_TYPES,
     NewEvent,
@@ -80,6 +82,15 @@ class _EncodedJSON(sa.types.TypeDecorator[str]):
 # Built once: every append runs them (and the SQLite writer compiles each once).
 _HEAD = sa.select(sa.func.coalesce(sa.func.max(events_table.c.position), 0))
 _INSERT = events_table.insert().values(payload=sa.bindparam("payload", type_=_EncodedJSON()))
+# The same three on asyncpg's own connection, inside a transaction begun.
+_PG_LOCK = "LOCK TABLE events IN EXCLUSIVE MODE"
+# What the writer sends to begin an append's transaction (PostgreSQL).
+BEGIN_LOCKED = f"BEGIN; {_PG_LOCK}"
+_PG_HEAD = "SELECT coalesce(max(position), 0) FROM events"
+_PG_INSERT = (
+    "INSERT INTO events (position, stream, version, type, payload, recorded_at, command_id, scope) "
+    "VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)"
+)
 
 
 class ConcurrencyError(Exception):
@@ -250,7 +261,8 @@ class EventStore:
         rows = [e if isinstance(e, EncodedEvent) else encode(e) for e in new_events]
         if not locked:
             await self.lock(conn)
-        head = (await conn.execute(_HEAD)).scalar_one()
+        driver = driver_in_transaction(conn)
+        head = await driver.fetchval(_PG_HEAD) if driver is not None else (await conn.execute(_HEAD)).scalar_one()
         now = datetime.now(UTC)
         stored = [
             StoredEvent(
@@ -263,6 +275,18 @@ class EventStore:
             )
             for i, r in enumerate(rows, start=1)
         ]
+        if driver is not None:
+            try:
+                await driver.executemany(
+                    _PG_INSERT,
+                    [
+                        (s.position, s.stream, s.version, r.type, r.payload, now, s.command_id, r.scope)
+                        for s, r in zip(stored, rows, strict=True)
+                    ],
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise ConcurrencyError(str(exc)) from exc
+            return stored
         try:
             await conn.execute(
                 _INSERT,
@@ -288,7 +312,11 @@ class EventStore:
         """Take the log's write lock for the rest of the caller's transaction."""
         # SQLite: the writer engine's BEGIN IMMEDIATE already holds the lock.
         if self._postgres:
-            await conn.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE")
+            driver = driver_in_transaction(conn)
+            if driver is not None:
+                await driver.execute(_PG_LOCK)
+            else:
+                await conn.exec_driver_sql(_PG_LOCK)
 
     async def commands(self, conn: AsyncConnection, ids: Collection[str]) -> dict[str, list[StoredEvent]]:
         """The stored events of each of these command ids that is in the log,
@@ -511,8 +539,7 @@ async def pg_read_between(conn: AsyncConnection, after: int, before: int) -> lis
     """Events strictly between two positions, read in the caller's
     transaction (an append's, under the log's lock) on its asyncpg
     connection."""
-    driver: Any = (await conn.get_raw_connection()).driver_connection
-    return _pg_stored(await driver.fetch(_PG_BETWEEN, after, before))
+    return _pg_stored(await driver_connection(conn).fetch(_PG_BETWEEN, after, before))
 
 
 def _pg_stored(rows: list[Any]) -> list[StoredEvent]:

@@ -47,11 +47,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .database import CommitFailed, DatabaseUnavailable, describe, is_unavailable
+from .database import CommitFailed, DatabaseUnavailable, describe, driver_connection, is_unavailable
 from .events import NewEvent, StoredEvent
 from .metrics import STATS
 from .sqlite_writer import SqliteWriterThread
-from .store import ConcurrencyError, EncodedEvent, EventStore, UnencodableEvent, encode
+from .store import BEGIN_LOCKED, ConcurrencyError, EncodedEvent, EventStore, UnencodableEvent, encode
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ class EventWriter:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._sqlite: SqliteWriterThread | None = None
+        self._conn: AsyncConnection | None = None  # kept between batches (PostgreSQL)
         self._failed_batches = 0  # in the current outage
         self._committing = False
         self._progress = asyncio.Event()  # set, and replaced, after each batch
@@ -211,6 +212,9 @@ class EventWriter:
         if self._sqlite is not None:
             await self._sqlite.close()
             self._sqlite = None
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await _close_quietly(conn)
 
     async def _run(self) -> None:
         while True:
@@ -350,34 +354,71 @@ class EventWriter:
     async def _transaction(self, batch: list[_Request]) -> _Outcome:
         if self._sqlite is not None:
             return await self._sqlite.transaction(partial(self._append, batch))
-        conn = await self._engine.connect()
+        conn, driver = await self._begin()
         try:
-            transaction = await conn.begin()
+            outcome = await self._append(batch, conn)
+        except BaseException as exc:
             try:
-                outcome = await self._append(batch, conn)
-            except BaseException:
+                await driver.execute("ROLLBACK")
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                await self._drop_connection()
+            if driver.is_closed():
+                await self._drop_connection()
+                if not is_unavailable(exc) and isinstance(exc, Exception):
+                    raise DatabaseUnavailable(f"connection lost: {describe(exc)}") from exc
+            raise
+        try:
+            await driver.execute("COMMIT")
+        except BaseException as exc:
+            await self._drop_connection()
+            if is_unavailable(exc) or driver.is_closed():
+                # The server may have committed before the connection went:
+                # only a lookup can tell.
+                raise CommitFailed(outcome, exc) from exc
+            raise
+        return outcome
+
+    async def _begin(self) -> tuple[AsyncConnection, Any]:
+        """BEGIN on the writer's own connection, kept from one batch to the
+        next (PostgreSQL). SQLAlchemy runs it in autocommit mode: the
+        transaction is begun and ended here on asyncpg's connection, so a
+        batch pays no pool checkout, ping or SQLAlchemy round of its own for
+        BEGIN and COMMIT. A kept connection the server dropped meanwhile (a
+        restart) fails at BEGIN, before anything is sent: then once more on a
+        fresh one."""
+        for attempt in (1, 2):
+            if self._conn is None:
+                conn = await self._engine.connect()
                 try:
-                    await transaction.rollback()
-                except Exception:  # noqa: BLE001 - the first error is the one to report
-                    pass
-                raise
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
+                except BaseException:
+                    await _close_quietly(conn)
+                    raise
+                self._conn = conn
+            conn = self._conn
+            driver = driver_connection(conn)
             try:
-                await transaction.commit()
-            except Exception as exc:
-                if is_unavailable(exc):
-                    # The server may have committed before the connection
-                    # went: only a lookup can tell.
-                    raise CommitFailed(outcome, exc) from exc
-                raise
-            return outcome
-        finally:
+                # BEGIN and the log's lock in one round trip.
+                await driver.execute(BEGIN_LOCKED)
+                return conn, driver
+            except Exception:
+                await self._drop_connection()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
             try:
-                await conn.close()
+                await conn.invalidate()
             except Exception:  # noqa: BLE001 - a dropped connection may fail to close
                 pass
+            await _close_quietly(conn)
 
     async def _append(self, batch: list[_Request], conn: AsyncConnection) -> _Outcome:
-        await self._store.lock(conn)
+        # The log's lock is held: BEGIN took it (BEGIN IMMEDIATE on SQLite,
+        # BEGIN_LOCKED on PostgreSQL).
         # Under the lock: no other append can store one of these ids between
         # this lookup and the commit.
         client_ids = {r.command_id for r in batch if r.command_id is not None and is_client_command(r.command_id)}
@@ -410,6 +451,13 @@ class EventWriter:
     def _fail(request: _Request, exc: BaseException) -> None:
         if not request.future.done():
             request.future.set_exception(exc)
+
+
+async def _close_quietly(conn: AsyncConnection) -> None:
+    try:
+        await conn.close()
+    except Exception:  # noqa: BLE001 - a dropped connection may fail to close
+        pass
 
 
 def _chained(error: Exception, cause: BaseException) -> Exception:
