@@ -43,7 +43,7 @@ class LogFollower:
         *,
         interval: float | None,
         own_id: Callable[[], str] = lambda: "",
-        writer_busy: Callable[[], asyncio.Event | None] = lambda: None,
+        writer_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self.own_id = own_id
         self.writer_busy = writer_busy
@@ -57,33 +57,60 @@ class LogFollower:
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         self._signalled = 0  # the highest head another process signalled
-        self._must_read = False  # asked by delivery, or the head is unknown
+        # A signal waiting for this process's append in progress, and the
+        # timer that bounds the wait.
+        self._deferred: asyncio.TimerHandle | None = None
         delivery.want_follow = self.poke
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="log-follower")
 
     async def stop(self) -> None:
+        self._read_now()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     def poke(self) -> None:
-        self._must_read = True
-        self._wake.set()
+        """Read now (delivery found a gap, or waits for a position)."""
+        self._read_now()
 
     def signalled(self, head: int, sender: str) -> None:
         """The log grew to ``head`` (0: unknown, look anyway). A process's
         own commits reach its delivery without a read: their signal is
-        skipped (a gap before one of them asks for a read anyway)."""
+        skipped (a gap before one of them asks for a read anyway). While an
+        append of this process is on its way, the signal waits for it (at
+        most ``WAIT_FOR_OWN_APPEND``)."""
         if sender and sender == self.own_id():
             return
         if head == 0:
-            self.poke()
+            self._read_now()
         elif head > self.delivery.received:
             self._signalled = max(self._signalled, head)
-            self._wake.set()
+            if self._deferred is None and not self._wake.is_set() and self.writer_busy():
+                self._deferred = asyncio.get_running_loop().call_later(WAIT_FOR_OWN_APPEND, self._read_now)
+            elif self._deferred is None:
+                self._wake.set()
+
+    def own_append_done(self) -> None:
+        """This process's append (committed or not) is over: read what it
+        did not bring of what was signalled meanwhile."""
+        if self._deferred is None:
+            return
+        if self.delivery.received < self._signalled:
+            self._read_now()
+        else:
+            self._cancel_deferred()
+
+    def _read_now(self) -> None:
+        self._cancel_deferred()
+        self._wake.set()
+
+    def _cancel_deferred(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
 
     async def _read(self, after: int) -> list[StoredEvent]:
         if self.fast_read is not None:
@@ -92,30 +119,15 @@ class LogFollower:
                 return events
         return await self.store.read_all(after=after, limit=FOLLOW_PAGE)
 
-    async def _covered_by_own_append(self) -> bool:
-        """Wait for this process's append in progress, if any; True when it
-        brought everything signalled so far."""
-        busy = self.writer_busy()
-        if busy is None:
-            return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(busy.wait(), WAIT_FOR_OWN_APPEND)
-        return not self._must_read and self.delivery.received >= self._signalled
-
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            polled = False
-            if self.interval is None:
-                await self._wake.wait()
-            else:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.interval)
-                except TimeoutError:
-                    polled = True
+            # The poll, in case a signal was lost: a timer, not a task per wait.
+            poll = loop.call_later(self.interval, self._wake.set) if self.interval is not None else None
+            await self._wake.wait()
+            if poll is not None:
+                poll.cancel()
             self._wake.clear()
-            if not polled and not self._must_read and await self._covered_by_own_append():
-                continue
-            self._must_read = False
             try:
                 events = await self._read(self.delivery.applied)
             except Exception as exc:

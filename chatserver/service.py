@@ -86,6 +86,7 @@ class ChatService:
             own_id=self._lease_id,
             writer_busy=self.writer.busy,
         )
+        self.writer.batch_done = self.follower.own_append_done
         self.listener = logsignal.LogListener(store.engine.url, self.follower.signalled) if shared else None
         if self.listener is not None:
             self.follower.fast_read = self.listener.read_after

@@ -11,12 +11,15 @@ On a SQLite file the batch's transaction runs in the SQLite writer thread
 Both run the same append body: the store's append, then the in-transaction
 hooks (the persisted projections).
 
+On PostgreSQL, appends submitted while a batch's BEGIN waits for the log's
+lock (another process is appending) join that batch.
+
 On a log several processes share, ``read_preceding`` reads in the same
 transaction, under the log's lock, what the others appended before the batch
 that this process has not seen yet; ``on_preceding`` gets it just before
 ``on_commit`` gets the batch, so delivery sends both in one write per socket
 (and the follower need not read them separately). ``busy`` tells the
-follower an append is on its way.
+follower an append is on its way, and ``batch_done`` when it is over.
 
 Every request fails alone. ``submit`` encodes its events (``store.encode``)
 and refuses what cannot be stored there and then, so a batch holds only rows
@@ -160,7 +163,8 @@ class EventWriter:
         self._conn: AsyncConnection | None = None  # kept between batches (PostgreSQL)
         self._failed_batches = 0  # in the current outage
         self._committing = False
-        self._progress = asyncio.Event()  # set, and replaced, after each batch
+        # Called after every batch, committed or not (the follower's cue).
+        self.batch_done: Callable[[], None] = lambda: None
         self.batches = 0  # commits made, for tests and benchmarks
 
     @property
@@ -172,10 +176,9 @@ class EventWriter:
         self._sqlite = SqliteWriterThread.for_engine(self._engine)
         self._task = asyncio.create_task(self._run(), name="event-writer")
 
-    def busy(self) -> asyncio.Event | None:
-        """While a batch is pending or committing: an event set once it is
-        done (committed or failed). None when the writer is idle."""
-        return self._progress if self._committing or self._pending else None
+    def busy(self) -> bool:
+        """Whether a batch is pending or committing (``batch_done`` follows)."""
+        return self._committing or bool(self._pending)
 
     def submit(self, events: Sequence[NewEvent]) -> asyncio.Future[Appended]:
         """Queue one command's events for the next batch.
@@ -237,8 +240,7 @@ class EventWriter:
                     self._fail(request, exc)
             finally:
                 self._committing = False
-                self._progress.set()
-                self._progress = asyncio.Event()
+                self.batch_done()
 
     async def _commit(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
@@ -355,6 +357,12 @@ class EventWriter:
         if self._sqlite is not None:
             return await self._sqlite.transaction(partial(self._append, batch))
         conn, driver = await self._begin()
+        # Appends submitted while BEGIN waited for the log's lock (another
+        # process held it) join this batch: one commit instead of two.
+        if self._pending and len(batch) < self._max_batch:
+            joining = self._pending[: self._max_batch - len(batch)]
+            del self._pending[: len(joining)]
+            batch.extend(joining)
         try:
             outcome = await self._append(batch, conn)
         except BaseException as exc:

@@ -231,3 +231,30 @@ async def test_an_append_brings_what_another_writer_appended_before_it(pg_url: s
         await backend.writer_engine.dispose()
         await backend.store.engine.dispose()
     assert handed == [("preceding", [1, 2]), ("own", [3]), ("own", [4]), ("preceding", [5]), ("own", [6])]
+
+
+@pytest.mark.postgres
+async def test_appends_made_while_another_process_holds_the_lock_join_the_waiting_batch(pg_url: str) -> None:
+    # Another process's append holds the log's lock: our batch waits for it
+    # at BEGIN, and what is submitted meanwhile joins that batch (one commit,
+    # not one more per wait), in submission order.
+    store = EventStore(create_engine(pg_url))
+    engine = create_engine(pg_url, writer=True)
+    writer = EventWriter(store, engine)
+    writer.start()
+    try:
+        async with store.engine.begin() as other:
+            await store.lock(other)  # the other process, mid-append
+            first = writer.submit([chat("ann", 1, "one")])
+            await asyncio.sleep(0.3)  # the batch of "one" waits for the lock
+            later = [writer.submit([chat("ann", 2, "two")]), writer.submit([chat("bob", 1, "three")])]
+            await asyncio.sleep(0.1)
+            assert not first.done()
+        results = await asyncio.gather(first, *later)
+    finally:
+        await writer.close()
+        await engine.dispose()
+    assert [r[0].position for r in results] == [1, 2, 3]
+    assert writer.batches == 1
+    assert messages(await store.read_all()) == ["one", "two", "three"]
+    await store.engine.dispose()
