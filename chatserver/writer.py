@@ -395,6 +395,8 @@ class EventWriter:
         restart) fails at BEGIN, before anything is sent: then once more on a
         fresh one."""
         for attempt in (1, 2):
+            if self._conn is not None and (self._conn.closed or self._conn.invalidated):
+                await self._drop_connection()
             if self._conn is None:
                 conn = await self._engine.connect()
                 try:
