@@ -66,6 +66,7 @@ async def test_every_client_sees_the_log_order_on_every_process(postgres: Postgr
             assert all(a["ok"] for batch in acks for a in batch)
             for c in clients:
                 await c.wait_for(lambda c=c: len(c.events("chat")) == 180, timeout=20)
+            followed = [await followed_events(proc) for proc in procs]
         finally:
             for c in clients:
                 await c.disconnect()
@@ -77,6 +78,21 @@ async def test_every_client_sees_the_log_order_on_every_process(postgres: Postgr
             assert seen == sorted(set(seen)), c.url
             assert [m["position"] for m in c.events("chat")] == chat_positions
         assert [e.position for e in log] == list(range(1, len(log) + 1))
+        # Under concurrent appends, processes took others' events inside their
+        # own appends (delivered with them), not only by separate reads.
+        assert sum(f.get("append", 0) for f in followed) > 0, followed
+
+
+async def followed_events(proc: ServerProcess) -> dict[str, int]:
+    """chat_log_followed_events_total by ``via``, from the process's /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(proc.url + "/metrics") as r:
+        text = await r.text()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("chat_log_followed_events_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('via="')[1].split('"')[0]] = int(float(value))
+    return counts
 
 
 async def test_names_are_unique_and_history_shared_across_processes(postgres: Postgres) -> None:
