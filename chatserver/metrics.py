@@ -178,14 +178,8 @@ class AppCollector:
         s = STATS
         yield CounterMetricFamily("chat_logins", "Logins stored", value=s.logins)
         yield CounterMetricFamily("chat_resumes", "Resumes stored", value=s.resumes)
-        c = CounterMetricFamily("chat_refusals", "Requests refused, by the protocol's error code", labels=["reason"])
-        for reason, n in sorted(s.refusals.items()):
-            c.add_metric([reason], n)
-        yield c
-        c = CounterMetricFamily("chat_events_appended", "Events committed to the log, by type", labels=["type"])
-        for kind, n in sorted(s.events.items()):
-            c.add_metric([kind], n)
-        yield c
+        yield _labelled("chat_refusals", "Requests refused, by the protocol's error code", "reason", s.refusals)
+        yield _labelled("chat_events_appended", "Events committed to the log, by type", "type", s.events)
         for name, doc, h in (
             ("chat_commit_batch_size", "Events per group commit", s.batch_size),
             ("chat_commit_seconds", "Group commit latency (the transaction, fsync included)", s.commit_seconds),
@@ -193,10 +187,7 @@ class AppCollector:
             yield HistogramMetricFamily(name, doc, buckets=h.cumulative(), sum_value=h.sum)
         yield CounterMetricFamily("chat_fanout_deliveries", "Broadcast packets written to sockets", value=s.deliveries)
         yield CounterMetricFamily("chat_fanout_bytes", "Broadcast bytes written to sockets", value=s.delivery_bytes)
-        c = CounterMetricFamily("chat_sockets_dropped", "Sockets the server disconnected, by reason", labels=["reason"])
-        for reason, n in sorted(s.dropped.items()):
-            c.add_metric([reason], n)
-        yield c
+        yield _labelled("chat_sockets_dropped", "Sockets the server disconnected, by reason", "reason", s.dropped)
         yield CounterMetricFamily("chat_rate_limited", "Requests refused by the per-socket rate limit",
                                   value=s.refusals.get("rate_limited", 0))
         yield CounterMetricFamily("chat_history_requests", "History pages asked for", value=s.history_requests)
@@ -204,19 +195,20 @@ class AppCollector:
                                   value=s.replay_requests)
         yield CounterMetricFamily("chat_database_errors", "Failed database transactions and health checks",
                                   value=s.database_errors)
-        c = CounterMetricFamily("chat_log_follow_reads", "Reads of other processes' events on a shared log, by how",
-                                labels=["via"])
-        for via, n in sorted(s.follow_reads.items()):
-            c.add_metric([via], n)
-        yield c
-        c = CounterMetricFamily("chat_log_followed_events", "Other processes' events read, by how", labels=["via"])
-        for via, n in sorted(s.followed_events.items()):
-            c.add_metric([via], n)
-        yield c
-        c = CounterMetricFamily("chat_client_problems", "Problems clients caused, by kind", labels=["kind"])
-        for kind, n in sorted(s.client_problems.items()):
-            c.add_metric([kind], n)
-        yield c
+        yield _labelled("chat_log_follow_reads", "Reads of other processes' events on a shared log, by how", "via",
+                        s.follow_reads)
+        yield _labelled("chat_log_followed_events", "Other processes' events read, by how", "via", s.followed_events)
+        yield _labelled("chat_client_problems", "Problems clients caused, by kind", "kind", s.client_problems)
+
+
+def _labelled(name: str, doc: str, label: str, counts: dict[str, int]) -> Any:
+    """A counter family with one label, from a dict of counts."""
+    from prometheus_client.core import CounterMetricFamily  # loaded at the first scrape
+
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], n)
+    return family
 
 
 def render(collector: AppCollector) -> bytes:
