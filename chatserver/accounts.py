@@ -147,6 +147,12 @@ class Accounts:
         password_hash = await self._hash(password)
         now = time.time()
         async with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Registrations one at a time, so two on an empty table do not
+                # both count none (SQLite: the writer engine's BEGIN IMMEDIATE
+                # already serializes them). Registering is rare; sign-ins and
+                # token checks only read and are not held up.
+                await conn.exec_driver_sql("LOCK TABLE accounts IN SHARE ROW EXCLUSIVE MODE")
             first = await conn.scalar(sa.select(sa.func.count()).select_from(accounts_table)) == 0
             await conn.execute(
                 accounts_table.insert().values(

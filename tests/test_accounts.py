@@ -22,8 +22,20 @@ import aiohttp
 import jwt
 import pytest
 import socketio
+from sqlalchemy import text
 
-from tests.support import ROOT, Client, InProcessServer, ServerProcess, log_of, migrated_sqlite, running_server, settings_for
+from chatserver.accounts import Accounts
+from chatserver.database import create_engine
+from tests.support import (
+    ROOT,
+    Client,
+    InProcessServer,
+    ServerProcess,
+    log_of,
+    migrated_sqlite,
+    running_server,
+    settings_for,
+)
 
 PASSWORD = "correct horse battery"
 
@@ -419,11 +431,12 @@ async def test_make_admin_cli(tmp_path: Path) -> None:
 
 # -- TLS ---------------------------------------------------------------------------------
 def throwaway_certificate(directory: Path) -> tuple[Path, Path]:
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
@@ -512,3 +525,27 @@ async def test_accounts_on_postgresql(pg_url: str) -> None:
             await admin.disconnect()
     kinds = [(e.stream, e.version, e.type) for e in await log_of(pg_url) if e.stream.startswith("account-")]
     assert kinds == [("account-alice", 1, "AccountCreated"), ("account-bob", 1, "AccountCreated"), ("account-bob", 2, "UserBanned")]
+
+
+
+@pytest.mark.postgres
+async def test_registrations_racing_on_a_fresh_database_make_one_admin(pg_url: str) -> None:
+    # "The first account registered is an admin": two registrations whose
+    # transactions run together on an empty database must not both count
+    # zero accounts. A third connection holds the accounts table until both
+    # have started, so they do run together (measured: both were admins).
+    engine = create_engine(pg_url, writer=True)
+    accounts = Accounts(settings_for(pg_url, auth_mode="accounts"), engine)
+    try:
+        async with engine.connect() as holder:
+            await holder.execute(text("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE"))
+            racing = [asyncio.create_task(accounts.create(name, PASSWORD)) for name in ("ann", "bob")]
+            await asyncio.sleep(1.0)  # both hashed their password and wait on the table
+            assert not any(task.done() for task in racing)
+            await holder.rollback()
+        created = await asyncio.gather(*racing)
+        assert sorted(a.is_admin for a in created) == [False, True]
+        stored = [await accounts.get(name) for name in ("ann", "bob")]
+        assert sorted(a is not None and a.is_admin for a in stored) == [False, True]
+    finally:
+        await engine.dispose()
