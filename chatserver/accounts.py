@@ -231,19 +231,27 @@ class Accounts:
         any is verified), and say how many seconds until sign-in may be
         tried again for this name or from this address (0: go ahead).
         Kept in the database: a restart gives an attacker no fresh budget."""
+        return await self._count(self._limits(name, address), self.settings.login_failure_window)
+
+    async def registering(self, address: str) -> int:
+        """Count a registration from ``address`` before its password is
+        hashed; seconds until it may register again (0: go ahead)."""
+        s = self.settings
+        return await self._count([(f"register:{address}", s.registrations_per_address)], s.registration_window)
+
+    async def _count(self, limits: list[tuple[str, int]], window: int) -> int:
         try:
-            return await self._attempt(name, address)
+            return await self._count_once(limits, window)
         except IntegrityError:
             # A concurrent attempt inserted the same key first: count on it.
-            return await self._attempt(name, address)
+            return await self._count_once(limits, window)
 
-    async def _attempt(self, name: str, address: str) -> int:
+    async def _count_once(self, limits: list[tuple[str, int]], window: int) -> int:
         now = time.time()
-        window = self.settings.login_failure_window
         wait = 0.0
         key_col = failures_table.c.key
         async with self.engine.begin() as conn:
-            for key, limit in self._limits(name, address):
+            for key, limit in limits:
                 # Updates first: on PostgreSQL each takes the row's lock, so
                 # concurrent attempts count one after another.
                 fresh = await conn.execute(

@@ -161,6 +161,12 @@ class AuthRoutes:
             raise _error(web.HTTPBadRequest, "name_bad", exc.message) from None
         except PasswordBad as exc:
             raise _error(web.HTTPBadRequest, "password_bad", str(exc)) from None
+        wait = await self.accounts.registering(request.remote or "unknown")
+        if wait:
+            raise _error(
+                web.HTTPTooManyRequests, "rate_limited", f"too many registrations; try again in {wait} s",
+                **{"Retry-After": str(wait)},
+            )
         try:
             await self.accounts.create(name, password)
         except IntegrityError:

@@ -146,6 +146,10 @@ class Settings:
     login_failures_per_account: int = 10
     login_failures_per_address: int = 50
     login_failure_window: int = 15 * 60
+    # Registrations counted per address over a window (each costs a password
+    # hash, the most expensive thing a request can make the server do).
+    registrations_per_address: int = 20
+    registration_window: int = 60 * 60
     # Serve HTTPS and WSS directly (both or neither).
     tls_cert: str = ""
     tls_key: str = ""
@@ -225,6 +229,10 @@ class Settings:
                 env, "CHAT_LOGIN_FAILURES_PER_ADDRESS", defaults.login_failures_per_address
             ),
             login_failure_window=_int(env, "CHAT_LOGIN_FAILURE_WINDOW", defaults.login_failure_window),
+            registrations_per_address=_int(
+                env, "CHAT_REGISTRATIONS_PER_ADDRESS", defaults.registrations_per_address
+            ),
+            registration_window=_int(env, "CHAT_REGISTRATION_WINDOW", defaults.registration_window),
             tls_cert=env.get("CHAT_TLS_CERT") or defaults.tls_cert,
             tls_key=env.get("CHAT_TLS_KEY") or defaults.tls_key,
         )

@@ -549,3 +549,19 @@ async def test_registrations_racing_on_a_fresh_database_make_one_admin(pg_url: s
         assert sorted(a is not None and a.is_admin for a in stored) == [False, True]
     finally:
         await engine.dispose()
+
+
+async def test_registrations_from_one_address_are_limited(db_url: str) -> None:
+    # Each registration costs a password hash: one address may not make the
+    # server hash without bound (and starve everyone's sign-ins of hashing).
+    settings = settings_for(db_url, auth_mode="accounts", registrations_per_address=3)
+    async with running_server(settings) as server:
+        for i in range(3):
+            await register(server.url, f"reg{i}")
+        status, data, headers = await api(server.url, "POST", "/api/accounts", {"name": "reg3", "password": PASSWORD})
+        assert status == 429 and data["error"] == "rate_limited", data
+        assert int(headers["Retry-After"]) > 0
+        status, _, _ = await api(server.url, "POST", "/api/sessions", {"name": "reg3", "password": PASSWORD})
+        assert status == 401  # not created
+        await sign_in(server.url, "reg0")  # the accounts made stay usable
+    assert [e.event.name for e in await log_of(db_url) if e.type == "AccountCreated"] == ["reg0", "reg1", "reg2"]
