@@ -27,6 +27,8 @@ PASSWORD_MAX_BYTES = 256  # Argon2 takes any length; this bounds the work a requ
 SECRET_NAME = "jwt_hs256"
 
 _meta = sa.MetaData()
+# Tokens checked per query when a process checks its sockets' tokens.
+SWEEP_CHUNK = 500
 accounts_table = sa.Table(
     "accounts",
     _meta,
@@ -189,9 +191,9 @@ class Accounts:
         password_hash = await self._hash(password)
         values: dict[str, object] = {"password_hash": password_hash}
         if revoke_tokens:
-            # Every token issued so far (on any device) stops working; iat has
-            # whole seconds, so "after" is compared at that precision.
-            values["tokens_after"] = float(int(time.time()))
+            # Every token issued so far (on any device) stops working
+            # (tokens carry iat to the millisecond).
+            values["tokens_after"] = time.time()
         async with self.engine.begin() as conn:
             await conn.execute(accounts_table.update().where(accounts_table.c.name == name).values(**values))
 
@@ -215,6 +217,26 @@ class Accounts:
             exists = await conn.scalar(sa.select(revoked_table.c.jti).where(revoked_table.c.jti == jti))
             if exists is None:
                 await conn.execute(revoked_table.insert().values(jti=jti, expires=expires))
+
+    async def no_longer_valid(self, tokens: list[tuple[str, str, float]]) -> set[str]:
+        """Of these tokens (jti, account name, issued at), the jtis revoked
+        since, or issued before their account's last password change, or of
+        an account that is gone. Read in chunks, so a process's every socket
+        can be checked at once."""
+        invalid: set[str] = set()
+        async with self.engine.connect() as conn:
+            for start in range(0, len(tokens), SWEEP_CHUNK):
+                chunk = tokens[start : start + SWEEP_CHUNK]
+                jtis = [jti for jti, _name, _issued in chunk]
+                names = sorted({name for _jti, name, _issued in chunk})
+                revoked = await conn.execute(sa.select(revoked_table.c.jti).where(revoked_table.c.jti.in_(jtis)))
+                invalid.update(jti for (jti,) in revoked)
+                rows = await conn.execute(
+                    sa.select(accounts_table.c.name, accounts_table.c.tokens_after).where(accounts_table.c.name.in_(names))
+                )
+                after = {name: tokens_after for name, tokens_after in rows}
+                invalid.update(jti for jti, name, issued in chunk if name not in after or issued < after[name])
+        return invalid
 
     async def is_revoked(self, jti: str) -> bool:
         async with self.engine.connect() as conn:

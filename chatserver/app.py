@@ -175,13 +175,18 @@ async def _chat_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = store
         app[SERVICE] = service
         app[WRITER_ENGINE] = writer_engine
-        cleanup = asyncio.create_task(uploads.run_cleanup(), name="upload cleanup")
+        background = [asyncio.create_task(uploads.run_cleanup(), name="upload cleanup")]
+        if tokens is not None:
+            sweep = handlers.sweep_revoked_forever(settings.revocation_sweep)
+            background.append(asyncio.create_task(sweep, name="revocation sweep"))
         try:
             yield
         finally:
-            cleanup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await cleanup
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await service.stop()
     finally:
         await writer_engine.dispose()

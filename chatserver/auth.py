@@ -52,7 +52,7 @@ class TokenRefused(Exception):
 class Claims:
     name: str
     jti: str
-    issued: int
+    issued: float  # seconds, to the millisecond (whole seconds in older tokens)
     expires: int
 
 
@@ -65,9 +65,12 @@ class Tokens:
         self._key = key
 
     def issue(self, name: str) -> tuple[str, int]:
-        now = int(time.time())
+        now = time.time()
         ttl = self.settings.token_ttl
-        claims = {"sub": name, "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex}
+        # iat to the millisecond (a NumericDate may have a fraction): a
+        # password change revokes what was issued before it, even within
+        # the same second, and not what is issued after it.
+        claims = {"sub": name, "iat": round(now, 3), "exp": int(now) + ttl, "jti": uuid.uuid4().hex}
         return jwt.encode(claims, self._key, algorithm="HS256"), ttl
 
     def decode(self, token: object) -> Claims:
@@ -81,7 +84,13 @@ class Tokens:
         except jwt.PyJWTError:
             raise TokenRefused("invalid_token", "the token is not valid") from None
         sub, jti, iat, exp = claims["sub"], claims["jti"], claims["iat"], claims["exp"]
-        if not (isinstance(sub, str) and isinstance(jti, str) and isinstance(iat, int) and isinstance(exp, int)):
+        if not (
+            isinstance(sub, str)
+            and isinstance(jti, str)
+            and isinstance(iat, int | float)
+            and not isinstance(iat, bool)
+            and isinstance(exp, int)
+        ):
             raise TokenRefused("invalid_token", "the token is not valid")
         return Claims(sub, jti, iat, exp)
 

@@ -150,6 +150,9 @@ class Settings:
     # hash, the most expensive thing a request can make the server do).
     registrations_per_address: int = 20
     registration_window: int = 60 * 60
+    # Seconds between checks of this process's sockets' tokens against the
+    # database (a sign-out or password change served by another process).
+    revocation_sweep: float = 5.0
     # Serve HTTPS and WSS directly (both or neither).
     tls_cert: str = ""
     tls_key: str = ""
@@ -233,6 +236,7 @@ class Settings:
                 env, "CHAT_REGISTRATIONS_PER_ADDRESS", defaults.registrations_per_address
             ),
             registration_window=_int(env, "CHAT_REGISTRATION_WINDOW", defaults.registration_window),
+            revocation_sweep=_float(env, "CHAT_REVOCATION_SWEEP", defaults.revocation_sweep),
             tls_cert=env.get("CHAT_TLS_CERT") or defaults.tls_cert,
             tls_key=env.get("CHAT_TLS_KEY") or defaults.tls_key,
         )

@@ -413,11 +413,34 @@ class SocketHandlers:
 
     def revoked(self, jti: str | None, name: str | None) -> None:
         """A token was revoked (sign-out) or every token of an account was
-        (password change): the sockets using them end now. This process's
-        sockets only; another process's ones end at their token's expiry."""
+        (password change): this process's sockets using them end now; other
+        processes find theirs at their next ``sweep_revoked``."""
         for sid, claims in list(self._claims.items()):
             if claims.jti == jti or claims.name == name:
-                self.end(sid, "token_revoked", "the access token was revoked; sign in again")
+                self._end_revoked(sid)
+
+    def _end_revoked(self, sid: str) -> None:
+        self.end(sid, "token_revoked", "the access token was revoked; sign in again")
+
+    async def sweep_revoked(self) -> None:
+        """End the sockets whose token the database now says is revoked (a
+        sign-out or password change served by another process)."""
+        if self.tokens is None or not self._claims:
+            return
+        live = list(self._claims.items())
+        invalid = await self.tokens.accounts.no_longer_valid([(c.jti, c.name, c.issued) for _sid, c in live])
+        for sid, claims in live:
+            if claims.jti in invalid and self._claims.get(sid) is claims:
+                self._end_revoked(sid)
+
+    async def sweep_revoked_forever(self, interval: float) -> None:
+        interval = max(interval, 0.1)  # never a busy loop, whatever the setting
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep_revoked()
+            except Exception as exc:  # the database may be away for a while: told once per interval
+                self._failures.report("checking the sockets' tokens", exc)
 
     def end(self, sid: str, code: str, message: str) -> None:
         """Tell the socket why (protocolError), then disconnect it; its user
