@@ -66,7 +66,7 @@ class LogFollower:
         self._task = asyncio.create_task(self._run(), name="log-follower")
 
     async def stop(self) -> None:
-        self._read_now()
+        self._cancel_deferred()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

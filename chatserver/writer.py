@@ -242,10 +242,10 @@ class EventWriter:
                 self._committing = False
                 self.batch_done()
 
-    async def _commit(self, batch: list[_Request]) -> None:
+    async def _commit(self, batch: list[_Request], *, retry: bool = False) -> None:
         started = time.perf_counter()
         try:
-            outcome = await self._transaction(batch)
+            outcome = await self._transaction(batch, join=not retry)
         except CommitFailed as lost:
             resolved = await self._resolve(batch, lost)
             if resolved is None:
@@ -262,7 +262,7 @@ class EventWriter:
                 # fail in a way encoding did not foresee: one by one, so only
                 # the culprits fail.
                 for request in batch:
-                    await self._commit([request])
+                    await self._commit([request], retry=True)
                 return
             if not isinstance(exc, ConcurrencyError):
                 log.error("append of one command failed: %s", describe(exc), exc_info=exc)
@@ -353,13 +353,15 @@ class EventWriter:
             await self._store.wait_for_writers(conn)
             return await self._store.holds(conn, stored)
 
-    async def _transaction(self, batch: list[_Request]) -> _Outcome:
+    async def _transaction(self, batch: list[_Request], *, join: bool) -> _Outcome:
+        """``join``: appends submitted while BEGIN waits may join ``batch``
+        (never a retry's: they would pass the rest of the batch retried)."""
         if self._sqlite is not None:
             return await self._sqlite.transaction(partial(self._append, batch))
         conn, driver = await self._begin()
         # Appends submitted while BEGIN waited for the log's lock (another
         # process held it) join this batch: one commit instead of two.
-        if self._pending and len(batch) < self._max_batch:
+        if join and self._pending and len(batch) < self._max_batch:
             joining = self._pending[: self._max_batch - len(batch)]
             del self._pending[: len(joining)]
             batch.extend(joining)
@@ -394,9 +396,10 @@ class EventWriter:
         BEGIN and COMMIT. A kept connection the server dropped meanwhile (a
         restart) fails at BEGIN, before anything is sent: then once more on a
         fresh one."""
-        for attempt in (1, 2):
+        while True:
             if self._conn is not None and (self._conn.closed or self._conn.invalidated):
                 await self._drop_connection()
+            kept = self._conn is not None
             if self._conn is None:
                 conn = await self._engine.connect()
                 try:
@@ -413,9 +416,8 @@ class EventWriter:
                 return conn, driver
             except Exception:
                 await self._drop_connection()
-                if attempt == 2:
+                if not kept:
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

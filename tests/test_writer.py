@@ -258,3 +258,34 @@ async def test_appends_made_while_another_process_holds_the_lock_join_the_waitin
     assert writer.batches == 1
     assert messages(await store.read_all()) == ["one", "two", "three"]
     await store.engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_appends_submitted_during_a_one_by_one_retry_keep_their_place(pg_url: str) -> None:
+    # A batch fails for one request and is retried request by request; what
+    # is submitted meanwhile is stored after the whole retried batch, never
+    # joined to one of its retries (PostgreSQL joins appends that arrive
+    # while a batch waits for the lock): the log keeps the submission order.
+    # (The hook submits from the event loop; on SQLite hooks run in the
+    # writer's thread.)
+    backend = Backend(pg_url, EventStore(create_engine(pg_url)), create_engine(pg_url, writer=True))
+    writer: EventWriter
+
+    async def refuses_poison(conn: AsyncConnection, stored: list[StoredEvent]) -> None:
+        if "poison" in messages(stored):
+            if not late:
+                late.append(writer.submit([chat("zed", 1, "late")]))
+            raise ValueError("this projection cannot take that event")
+
+    late: list[asyncio.Future[Appended]] = []
+    writer = EventWriter(backend.store, backend.writer_engine, in_transaction=[refuses_poison])
+    writer.start()
+    try:
+        futures = [writer.submit([chat(f"u{i}", 1, "poison" if i == 1 else f"m{i}")]) for i in range(3)]
+        await asyncio.gather(*futures, return_exceptions=True)
+        await late[0]
+    finally:
+        await writer.close()
+        await backend.writer_engine.dispose()
+    assert messages(await backend.store.read_all()) == ["m0", "m2", "late"]
+    await backend.store.engine.dispose()
